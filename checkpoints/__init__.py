@@ -1,0 +1,1 @@
+"""Checkpoint conversion and the local checkpoint store (``checkpoints/store/``)."""

@@ -1,0 +1,391 @@
+"""Generation engine: input validation, chunked ragged prefill and decoding loops.
+
+``generate`` takes a batch of prompts of different lengths, validates them at the
+boundary (empty prompts, out-of-range ids, context and memory limits), prefills them in
+fixed-size chunks (one compiled shape; each row commits only its own valid tokens) and
+runs the decode loop for the chosen method. The autoregressive loop is one
+``lax.while_loop`` on device: a whole generation is a single dispatch. Every jitted
+step is compiled ahead of time once per shape, so ``stats`` separate compile time from
+run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import kv_cache, memory, model as model_lib, sampling
+from specjax import sharding as sharding_lib
+from specjax.config import ModelConfig
+from specjax.kv_cache import KVCache
+
+METHODS = ("autoregressive",)
+DEFAULT_PREFILL_CHUNK = 512
+_CACHE_ALIGN = 128
+
+
+@dataclasses.dataclass
+class GenerateStats:
+  """Timings of one ``generate`` call (seconds; compile time kept apart)."""
+
+  batch: int
+  prompt_tokens: int  # sum over rows
+  new_tokens: int  # sum over rows, the first (prefill) token included
+  cache_size: int
+  compile_s: float
+  prefill_s: float
+  decode_s: float
+  decode_steps: int  # target forward passes after prefill
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    """Tokens produced by decode steps (all rows) per second of decoding."""
+    return (self.new_tokens - self.batch) / self.decode_s if self.decode_s > 0 else 0.0
+
+  @property
+  def prefill_tokens_per_s(self) -> float:
+    return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+  def as_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.update(decode_tokens_per_s=self.decode_tokens_per_s,
+             prefill_tokens_per_s=self.prefill_tokens_per_s)
+    return d
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """Generated token ids per row (prompt excluded, a final EOS included), texts when a
+  tokenizer is available, and timings."""
+
+  tokens: list[list[int]]
+  texts: list[str] | None
+  stats: GenerateStats
+
+
+# ----------------------------------------------------------------------------------
+# Validation at the public boundary.
+
+
+def encode_prompts(prompts, cfg: ModelConfig, tokenizer=None) -> list[list[int]]:
+  """Turn a prompt or a batch of prompts (strings or token-id lists) into id lists.
+
+  Raises:
+    ValueError: empty batch, empty prompt, strings without a tokenizer, ids out of
+      ``[0, vocab_size)``.
+  """
+  if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
+                                  isinstance(prompts[0], (int, np.integer))):
+    prompts = [prompts]
+  if not isinstance(prompts, Sequence) or len(prompts) == 0:
+    raise ValueError("prompts is empty: pass a string, a list of token ids, or a batch"
+                     " of either.")
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if tokenizer is None:
+        raise ValueError(f"prompt {i} is a string but the model has no tokenizer; pass"
+                         " token ids.")
+      ids = tokenizer.encode(p)
+    else:
+      ids = [int(t) for t in np.asarray(p).reshape(-1)]
+    if not ids:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token.")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {cfg.vocab_size})"
+                       f" (the model's vocab_size).")
+    out.append(ids)
+  return out
+
+
+def per_row(value, batch: int, name: str) -> np.ndarray:
+  """An int or a per-row sequence -> i32[batch], each >= 1."""
+  arr = np.broadcast_to(np.asarray(value, np.int64), (batch,)) if np.ndim(value) == 0 \
+      else np.asarray(value, np.int64)
+  if arr.shape != (batch,):
+    raise ValueError(f"{name} has {arr.size} entries for a batch of {batch}.")
+  if (arr < 1).any():
+    raise ValueError(f"{name} must be >= 1 for every row; got {arr.tolist()}.")
+  return arr.astype(np.int32)
+
+
+def plan_cache_size(cfg: ModelConfig, prompt_lens: Sequence[int], max_new: np.ndarray,
+                    max_cache_len: int | None, extra: int = 0) -> int:
+  """Slots per row: the longest prompt + its new tokens (+ ``extra`` scratch), aligned.
+
+  Raises:
+    ValueError: a prompt plus its new tokens exceeds ``max_cache_len`` or the model's
+      context ``cfg.max_seq_len``.
+  """
+  limit = cfg.max_seq_len if max_cache_len is None else min(max_cache_len, cfg.max_seq_len)
+  need = [n + int(m) + extra for n, m in zip(prompt_lens, max_new)]
+  worst = int(np.argmax(need))
+  if need[worst] > limit:
+    which = ("the cache (max_cache_len)" if max_cache_len is not None and
+             max_cache_len < cfg.max_seq_len else "the model's context (max_seq_len)")
+    raise ValueError(
+        f"prompt {worst} has {prompt_lens[worst]} tokens; with max_new_tokens="
+        f"{int(max_new[worst])}{f' and {extra} scratch slots' if extra else ''} it needs"
+        f" {need[worst]} positions, more than the {limit} of {which}. Shorten the prompt"
+        f" or generate fewer tokens.")
+  size = -(-max(need) // _CACHE_ALIGN) * _CACHE_ALIGN
+  return min(size, limit) if max_cache_len is None else min(size, max_cache_len)
+
+
+# ----------------------------------------------------------------------------------
+# Compiled steps. Each is compiled once per (config, shapes, mesh) and reused.
+
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=()):
+  """AOT-compile ``fn`` for these argument shapes; returns (executable, seconds)."""
+  if key in _COMPILED:
+    return _COMPILED[key], 0.0
+  t0 = time.perf_counter()
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate_argnums)
+  exe = jitted.lower(*args).compile()
+  _COMPILED[key] = exe
+  return exe, time.perf_counter() - t0
+
+
+def _prefill_chunk(params, cache: KVCache, tokens, chunk_start, prompt_lens, last_logits,
+                   *, cfg: ModelConfig, all_logits: bool):
+  """One prefill chunk for all rows: tokens i32[B, C] are prompt[chunk_start:+C].
+
+  Row b commits its ``clip(prompt_lens[b] - chunk_start, 0, C)`` valid tokens; the
+  logits of its last prompt token are kept when that token falls in this chunk.
+  """
+  C = tokens.shape[1]
+  n_valid = jnp.clip(prompt_lens - chunk_start, 0, C)
+  last = prompt_lens - 1 - chunk_start  # [B], in-chunk index of the last prompt token
+  logits_at = None if all_logits else jnp.clip(last, 0, C - 1)[:, None]
+  logits, new = model_lib.forward(params, cfg, tokens, cache, logits_at=logits_at)
+  cache = kv_cache.commit(cache, new, n_valid)
+  if all_logits:
+    return cache, logits
+  here = ((last >= 0) & (last < C))[:, None]
+  return cache, jnp.where(here, logits[:, 0], last_logits)
+
+
+def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], *,
+            chunk: int = DEFAULT_PREFILL_CHUNK, mesh=None, all_logits: bool = False):
+  """Prefill a ragged batch of prompts into an empty cache, chunk by chunk.
+
+  Returns:
+    (cache, logits, compile_s): logits f32[B, V] of each row's last prompt token, or
+    f32[B, P, V] for every (padded) prompt position when ``all_logits``.
+  """
+  B = len(prompts)
+  lens = np.array([len(p) for p in prompts], np.int32)
+  chunk = min(chunk, -(-int(lens.max()) // 8) * 8)
+  n_chunks = -(-int(lens.max()) // chunk)
+  padded = np.full((B, n_chunks * chunk), cfg.pad_id, np.int32)
+  for b, p in enumerate(prompts):
+    padded[b, :len(p)] = p
+  fn = functools.partial(_prefill_chunk, cfg=cfg, all_logits=all_logits)
+  last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+  tokens0 = jnp.asarray(padded[:, :chunk])
+  args = (params, cache, tokens0, jnp.int32(0), jnp.asarray(lens), last_logits)
+  shardings = _step_shardings(cfg, mesh, B, cache.size, params)
+  in_sh = out_sh = None
+  if shardings is not None:
+    p_sh, c_sh, row, rep = shardings
+    in_sh = (p_sh, c_sh, row, rep, row, row)
+    out_sh = (c_sh, row)
+  key = ("prefill", cfg, B, chunk, cache.size, all_logits, _mesh_key(mesh))
+  exe, compile_s = _compile(key, fn, args, in_sh, out_sh, donate_argnums=(1,))
+  outs = []
+  for c in range(n_chunks):
+    tokens = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
+    cache, last_logits = exe(params, cache, tokens, jnp.int32(c * chunk), jnp.asarray(lens),
+                             last_logits)
+    if all_logits:
+      outs.append(last_logits)
+      last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+  if all_logits:
+    return cache, jnp.concatenate(outs, axis=1), compile_s
+  return cache, last_logits, compile_s
+
+
+def _mesh_key(mesh):
+  return None if mesh is None else (tuple(mesh.shape.items()),
+                                    tuple(d.id for d in mesh.devices.flat))
+
+
+def _step_shardings(cfg, mesh, batch, cache_size, params):
+  """(params, cache, per-row, replicated) shardings, or None without a mesh."""
+  if mesh is None:
+    return None
+  del params
+  return (sharding_lib.param_shardings(cfg, mesh),
+          sharding_lib.cache_shardings(cfg, batch, cache_size, mesh),
+          sharding_lib.batch_sharding(mesh, batch, 1),
+          sharding_lib.replicated(mesh))
+
+
+def _decode_loop(params, cache: KVCache, first, key, max_new, *, cfg: ModelConfig,
+                 sp: sampling.SamplingParams, eos_ids: tuple[int, ...], n_steps: int):
+  """Autoregressive decoding as one on-device while loop.
+
+  Args:
+    first: i32[B] the token sampled from the prefill logits (not yet in the cache).
+    max_new: i32[B] per-row token budget (the first token counts).
+    n_steps: static width of the output buffer, max(max_new).
+
+  Returns:
+    out i32[B, n_steps] (pad after a row stops), num i32[B] tokens per row, the cache,
+    and the number of decode steps run.
+  """
+  B = first.shape[0]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def is_eos(tok):
+    return (tok[:, None] == eos[None, :]).any(-1)
+
+  out = jnp.full((B, n_steps), cfg.pad_id, jnp.int32).at[:, 0].set(first)
+  num = jnp.ones((B,), jnp.int32)
+  done = is_eos(first) | (num >= max_new)
+
+  def cond(state):
+    step, _, _, _, _, done, _ = state
+    return (step < n_steps) & ~done.all()
+
+  def body(state):
+    step, cache, cur, out, num, done, key = state
+    logits, new = model_lib.forward(params, cfg, cur[:, None], cache)
+    cache = kv_cache.commit(cache, new, (~done).astype(jnp.int32))
+    key, sub = jax.random.split(key)
+    nxt = jnp.where(done, cfg.pad_id, sampling.sample(sub, logits[:, 0], sp))
+    out = out.at[:, step].set(nxt)
+    num = num + (~done).astype(jnp.int32)
+    done = done | is_eos(nxt) | (num >= max_new)
+    return step + 1, cache, nxt, out, num, done, key
+
+  state = (jnp.int32(1), cache, first, out, num, done, key)
+  step, cache, _, out, num, _, _ = jax.lax.while_loop(cond, body, state)
+  return out, num, cache, step - 1
+
+
+def _autoregressive(params, cfg, cache, first_logits, key, max_new, sp, eos_ids, mesh):
+  """Run the AR loop; returns (tokens i32[B, n], num i32[B], steps, compile_s, run_s)."""
+  B = first_logits.shape[0]
+  key, sub = jax.random.split(key)
+  first = sampling.sample(sub, first_logits, sp)
+  n_steps = int(max_new.max())
+  fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, eos_ids=eos_ids, n_steps=n_steps)
+  args = (params, cache, first, key, jnp.asarray(max_new))
+  shardings = _step_shardings(cfg, mesh, B, cache.size, params)
+  in_sh = out_sh = None
+  if shardings is not None:
+    p_sh, c_sh, row, rep = shardings
+    in_sh = (p_sh, c_sh, row, rep, row)
+    out_sh = (row, row, c_sh, rep)
+  exe, compile_s = _compile(("ar", cfg, sp, eos_ids, n_steps, B, cache.size, _mesh_key(mesh)),
+                            fn, args, in_sh, out_sh, donate_argnums=(1,))
+  t0 = time.perf_counter()
+  out, num, cache, steps = exe(*args)
+  out, num, steps = jax.device_get((out, num, steps))
+  return out, num, int(steps), compile_s, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------
+# Public API.
+
+
+def generate(model,
+             prompts,
+             *,
+             max_new_tokens: int | Sequence[int] = 64,
+             method: str = "autoregressive",
+             temperature: float = 0.0,
+             top_k: int = 0,
+             top_p: float = 1.0,
+             seed: int = 0,
+             eos_ids: Sequence[int] | None = None,
+             max_cache_len: int | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+             mesh=None) -> GenerateOutput:
+  """Generate continuations for a batch of prompts.
+
+  Args:
+    model: a ``specjax.Model`` (config, params, tokenizer).
+    prompts: a string, a list of token ids, or a batch (list) of either.
+    max_new_tokens: tokens to generate per row (an int, or one per row); a row stops
+      earlier at an EOS token.
+    method: the decoding method; see ``specjax.engine.METHODS``.
+    temperature, top_k, top_p: sampling; temperature 0 is greedy.
+    seed: PRNG seed for sampling.
+    eos_ids: stop tokens (default: the config's ``eos_ids``; ``()`` disables stopping).
+    max_cache_len: cap on cache slots per row; a prompt that does not fit with its new
+      tokens raises ValueError instead of being truncated.
+    prefill_chunk: tokens per prefill step.
+    mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
+
+  Returns:
+    GenerateOutput with per-row generated ids, decoded texts and timings.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
+  cfg: ModelConfig = model.config
+  sp = sampling.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+  tokenizer = getattr(model, "tokenizer", None)
+  ids = encode_prompts(prompts, cfg, tokenizer)
+  B = len(ids)
+  max_new = per_row(max_new_tokens, B, "max_new_tokens")
+  size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len)
+  n_dev = 1 if mesh is None else mesh.size
+  memory.check_fits(cfg, B, size, min(prefill_chunk, size), num_devices=n_dev)
+  eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
+
+  params = model.params
+  cache_sh = None
+  if mesh is not None:
+    params = sharding_lib.shard_params(params, cfg, mesh)
+    cache_sh = sharding_lib.cache_shardings(cfg, B, size, mesh)
+  cache = kv_cache.init_cache(cfg, B, size, cache_sh)
+  # Compile first so the prefill timing is of the run alone.
+  t0 = time.perf_counter()
+  cache, first_logits, compile_prefill = prefill(params, cfg, cache, ids, chunk=prefill_chunk,
+                                                 mesh=mesh)
+  jax.block_until_ready(first_logits)
+  prefill_s = time.perf_counter() - t0 - compile_prefill
+  out, num, steps, compile_decode, decode_s = _autoregressive(
+      params, cfg, cache, first_logits, jax.random.key(seed), max_new, sp, eos, mesh)
+  tokens = [out[b, :num[b]].tolist() for b in range(B)]
+  texts = None
+  if tokenizer is not None:
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+  stats = GenerateStats(batch=B, prompt_tokens=int(sum(len(p) for p in ids)),
+                        new_tokens=int(num.sum()), cache_size=size,
+                        compile_s=compile_prefill + compile_decode, prefill_s=prefill_s,
+                        decode_s=decode_s, decode_steps=steps)
+  return GenerateOutput(tokens=tokens, texts=texts, stats=stats)
+
+
+def logits(model, token_ids, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, mesh=None):
+  """Full-vocabulary logits at every position, for parity checks.
+
+  Args:
+    token_ids: one id list (-> f32[T, V]) or a batch of id lists (-> list of f32[T_b, V]).
+  """
+  single = (isinstance(token_ids, Sequence) and token_ids and
+            isinstance(token_ids[0], (int, np.integer))) or np.ndim(token_ids) == 1
+  cfg = model.config
+  ids = encode_prompts(token_ids, cfg, None)
+  lens = [len(p) for p in ids]
+  size = plan_cache_size(cfg, lens, np.ones(len(ids), np.int32), None)
+  cache = kv_cache.init_cache(cfg, len(ids), size)
+  _, out, _ = prefill(model.params, cfg, cache, ids, chunk=prefill_chunk, mesh=mesh,
+                      all_logits=True)
+  out = np.asarray(out)
+  rows = [out[b, :n] for b, n in enumerate(lens)]
+  return rows[0] if single else rows
