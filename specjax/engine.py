@@ -73,6 +73,16 @@ class GenerateOutput:
 # Validation at the public boundary.
 
 
+def is_single_prompt(prompts) -> bool:
+  """True for one prompt (a string or a flat list/array of ids), False for a batch."""
+  if isinstance(prompts, str):
+    return True
+  if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
+    return np.ndim(prompts) == 1
+  return (isinstance(prompts, Sequence) and len(prompts) > 0 and
+          isinstance(prompts[0], (int, np.integer)))
+
+
 def encode_prompts(prompts, cfg: ModelConfig, tokenizer=None) -> list[list[int]]:
   """Turn a prompt or a batch of prompts (strings or token-id lists) into id lists.
 
@@ -80,8 +90,7 @@ def encode_prompts(prompts, cfg: ModelConfig, tokenizer=None) -> list[list[int]]
     ValueError: empty batch, empty prompt, strings without a tokenizer, ids out of
       ``[0, vocab_size)``.
   """
-  if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
-                                  isinstance(prompts[0], (int, np.integer))):
+  if is_single_prompt(prompts):
     prompts = [prompts]
   if not isinstance(prompts, Sequence) or len(prompts) == 0:
     raise ValueError("prompts is empty: pass a string, a list of token ids, or a batch"
@@ -216,6 +225,16 @@ def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], 
   return cache, last_logits, compile_s
 
 
+def _place(model, batch: int, size: int, mesh):
+  """The model's params and an empty cache, laid out on the mesh when one is given."""
+  cfg = model.config
+  if mesh is None:
+    return model.params, kv_cache.init_cache(cfg, batch, size)
+  return (sharding_lib.shard_params(model.params, cfg, mesh),
+          kv_cache.init_cache(cfg, batch, size,
+                              sharding_lib.cache_shardings(cfg, batch, size, mesh)))
+
+
 def _mesh_key(mesh):
   return None if mesh is None else (tuple(mesh.shape.items()),
                                     tuple(d.id for d in mesh.devices.flat))
@@ -346,12 +365,7 @@ def generate(model,
   memory.check_fits(cfg, B, size, min(prefill_chunk, size), num_devices=n_dev)
   eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
 
-  params = model.params
-  cache_sh = None
-  if mesh is not None:
-    params = sharding_lib.shard_params(params, cfg, mesh)
-    cache_sh = sharding_lib.cache_shardings(cfg, B, size, mesh)
-  cache = kv_cache.init_cache(cfg, B, size, cache_sh)
+  params, cache = _place(model, B, size, mesh)
   # Compile first so the prefill timing is of the run alone.
   t0 = time.perf_counter()
   cache, first_logits, compile_prefill = prefill(params, cfg, cache, ids, chunk=prefill_chunk,
@@ -377,14 +391,13 @@ def logits(model, token_ids, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, mesh
   Args:
     token_ids: one id list (-> f32[T, V]) or a batch of id lists (-> list of f32[T_b, V]).
   """
-  single = (isinstance(token_ids, Sequence) and token_ids and
-            isinstance(token_ids[0], (int, np.integer))) or np.ndim(token_ids) == 1
+  single = is_single_prompt(token_ids)
   cfg = model.config
   ids = encode_prompts(token_ids, cfg, None)
   lens = [len(p) for p in ids]
   size = plan_cache_size(cfg, lens, np.ones(len(ids), np.int32), None)
-  cache = kv_cache.init_cache(cfg, len(ids), size)
-  _, out, _ = prefill(model.params, cfg, cache, ids, chunk=prefill_chunk, mesh=mesh,
+  params, cache = _place(model, len(ids), size, mesh)
+  _, out, _ = prefill(params, cfg, cache, ids, chunk=prefill_chunk, mesh=mesh,
                       all_logits=True)
   out = np.asarray(out)
   rows = [out[b, :n] for b, n in enumerate(lens)]

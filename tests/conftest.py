@@ -4,7 +4,11 @@ The real model is cached across runs in ``$SPECJAX_CACHE`` (default
 ``~/.cache/specjax``), so only the first run on a machine downloads it.
 """
 
+import os
 import pathlib
+
+# Multi-device tests run on 8 fake CPU devices; must be set before JAX starts.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
 import pytest
 
