@@ -294,26 +294,56 @@ def _decode_loop(params, cache: KVCache, first, key, max_new, *, cfg: ModelConfi
   return out, num, cache, step - 1
 
 
-def _autoregressive(params, cfg, cache, first_logits, key, max_new, sp, eos_ids, mesh):
-  """Run the AR loop; returns (tokens i32[B, n], num i32[B], steps, compile_s, run_s)."""
-  B = first_logits.shape[0]
-  key, sub = jax.random.split(key)
-  first = sampling.sample(sub, first_logits, sp)
+@dataclasses.dataclass
+class DecodeResult:
+  """What a decoding loop produced after prefill."""
+
+  tokens: np.ndarray  # i32[B, n]; row b's tokens are tokens[b, :num[b]]
+  num: np.ndarray  # i32[B]
+  steps: int  # target forward passes
+  compile_s: float
+  run_s: float
+  cache: KVCache
+
+
+def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
+           max_new: np.ndarray, sp: sampling.SamplingParams = sampling.SamplingParams(),
+           key: jax.Array | None = None, eos_ids: tuple[int, ...] = (), method: str = "autoregressive",
+           mesh=None) -> DecodeResult:
+  """Continue every row of a prefilled cache with the chosen method.
+
+  Args:
+    cache: prefilled cache; row b continues after its ``lengths[b]`` tokens. Donated.
+    first: i32[B] each row's next token (sampled from the prefill logits, or taken
+      from the text when benchmarking); it is the first output token.
+    max_new: i32[B] tokens per row, ``first`` included.
+    key: PRNG key for sampling.
+
+  Returns:
+    A DecodeResult; ``run_s`` excludes compilation.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
+  B = first.shape[0]
   n_steps = int(max_new.max())
-  fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, eos_ids=eos_ids, n_steps=n_steps)
-  args = (params, cache, first, key, jnp.asarray(max_new))
+  fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, eos_ids=tuple(eos_ids),
+                         n_steps=n_steps)
+  key = jax.random.key(0) if key is None else key
+  args = (params, cache, jnp.asarray(first, jnp.int32), key,
+          jnp.asarray(max_new))
   shardings = _step_shardings(cfg, mesh, B, cache.size, params)
   in_sh = out_sh = None
   if shardings is not None:
     p_sh, c_sh, row, rep = shardings
     in_sh = (p_sh, c_sh, row, rep, row)
     out_sh = (row, row, c_sh, rep)
-  exe, compile_s = _compile(("ar", cfg, sp, eos_ids, n_steps, B, cache.size, _mesh_key(mesh)),
-                            fn, args, in_sh, out_sh, donate_argnums=(1,))
+  exe, compile_s = _compile(("ar", cfg, sp, tuple(eos_ids), n_steps, B, cache.size,
+                             _mesh_key(mesh)), fn, args, in_sh, out_sh, donate_argnums=(1,))
   t0 = time.perf_counter()
   out, num, cache, steps = exe(*args)
   out, num, steps = jax.device_get((out, num, steps))
-  return out, num, int(steps), compile_s, time.perf_counter() - t0
+  return DecodeResult(tokens=out, num=num, steps=int(steps), compile_s=compile_s,
+                      run_s=time.perf_counter() - t0, cache=cache)
 
 
 # ----------------------------------------------------------------------------------
@@ -372,16 +402,19 @@ def generate(model,
                                                  mesh=mesh)
   jax.block_until_ready(first_logits)
   prefill_s = time.perf_counter() - t0 - compile_prefill
-  out, num, steps, compile_decode, decode_s = _autoregressive(
-      params, cfg, cache, first_logits, jax.random.key(seed), max_new, sp, eos, mesh)
+  key_first, key_decode = jax.random.split(jax.random.key(seed))
+  first = sampling.sample(key_first, first_logits, sp)
+  res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, key=key_decode,
+               eos_ids=eos, method=method, mesh=mesh)
+  out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None
   if tokenizer is not None:
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
   stats = GenerateStats(batch=B, prompt_tokens=int(sum(len(p) for p in ids)),
                         new_tokens=int(num.sum()), cache_size=size,
-                        compile_s=compile_prefill + compile_decode, prefill_s=prefill_s,
-                        decode_s=decode_s, decode_steps=steps)
+                        compile_s=compile_prefill + res.compile_s, prefill_s=prefill_s,
+                        decode_s=res.run_s, decode_steps=res.steps)
   return GenerateOutput(tokens=tokens, texts=texts, stats=stats)
 
 

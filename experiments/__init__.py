@@ -1,0 +1,1 @@
+"""specjax experiments: the absl launcher, workloads, and measured results."""

@@ -1,0 +1,237 @@
+r"""specjax experiment launcher: decoding throughput on real long text.
+
+With no flags it runs the default job: SmolLM2-135M-Instruct on Python standard-library
+source code, batch {1, 8} x context {1k, 4k, 8k}, autoregressive greedy decoding, and
+prints tokens/s next to the memory-bandwidth roofline measured in the same run::
+
+  python -m experiments.launch
+  python -m experiments.launch --batch=1,4,16 --context=2048 --new_tokens=64 \
+      --out=experiments/results/ar.json --profile_dir=/tmp/prof
+
+Every cell decodes ``new_tokens`` per row after a prefilled context of exactly
+``context`` tokens. The text is prefilled once at the longest context (causal attention
+makes its prefix a valid cache for every shorter context) for ``distinct_rows``
+different texts, which are then tiled over the batch. Decoding time does not depend on
+the text for autoregressive decoding; speculative methods should raise
+``--distinct_rows`` so acceptance varies across rows.
+
+Roofline: one decode step must read every weight once plus each row's valid KV cache;
+``roofline tok/s = batch / (bytes per step / bandwidth)`` with the bandwidth measured at
+start-up (``experiments/bandwidth.py``). The fraction is measured / roofline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bandwidth, workloads
+from specjax import engine, kv_cache, loading, memory, sampling, sharding
+from specjax.params import param_bytes
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m",
+                             "smollm2-135m, a .gguf path, an HF directory or a checkpoint.")
+_METHODS = flags.DEFINE_list("method", ["autoregressive"],
+                             f"Decoding methods to compare; one of {engine.METHODS}."
+                             " Autoregressive is always measured first as the baseline.")
+_BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
+_CONTEXT = flags.DEFINE_list("context", ["1024", "4096", "8192"],
+                             "Context lengths (prompt tokens per row).")
+_NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row in each cell.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Weights and compute; auto = float32 on CPU, bfloat16 on GPU/TPU.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p sampling (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DISTINCT = flags.DEFINE_integer("distinct_rows", 1,
+                                 "Different texts prefilled and tiled over the batch.")
+_CHUNK = flags.DEFINE_integer("prefill_chunk", engine.DEFAULT_PREFILL_CHUNK,
+                              "Prefill chunk length.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per cell (the best is kept).")
+_MESH = flags.DEFINE_list("mesh", [], "data,model mesh shape, e.g. 1,8 (default: none).")
+_PROFILE = flags.DEFINE_string("profile_dir", None,
+                               "Capture an XLA trace (jax.profiler) of the decode runs.")
+_OUT = flags.DEFINE_string("out", None, "Write results JSON here (and a .md table beside).")
+
+
+@dataclasses.dataclass
+class Cell:
+  method: str
+  batch: int
+  context: int
+  new_tokens: int
+  compile_s: float
+  decode_s: float
+  steps: int
+  tokens_per_s: float
+  step_ms: float
+  bytes_per_step: float
+  roofline_tokens_per_s: float
+  roofline_fraction: float
+  speedup: float | None = None
+  mean_accepted: float | None = None
+
+
+def machine_description() -> dict[str, str]:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"device": f"{jax.device_count()} x {dev.device_kind} ({dev.platform})",
+          "cpu": f"{cpu}, {os.cpu_count()} cores", "jax": jax.__version__,
+          "python": platform.python_version()}
+
+
+def step_bytes(cfg, batch: int, context: int, new_tokens: int) -> float:
+  """Bytes one decode step must read: all weights + each row's valid KV (mean length)."""
+  kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
+      jnp.dtype(cfg.dtype).itemsize
+  return param_bytes(cfg) + batch * kv_per_token * (context + (new_tokens - 1) / 2)
+
+
+def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, context: int):
+  """A cache of ``batch`` rows (cycling over the prefilled ones) and ``size`` slots,
+  with every row's length set to ``context``."""
+  rows = jnp.arange(batch) % cache.batch
+  return kv_cache.KVCache(k=jnp.take(cache.k, rows, axis=1)[:, :, :, :size],
+                          v=jnp.take(cache.v, rows, axis=1)[:, :, :, :size],
+                          lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, mesh,
+             bw_gbps, repeats, prefill_chunk) -> list[Cell]:
+  cfg = model.config
+  max_ctx = max(contexts)
+  texts = workloads.stdlib_prompts(model.tokenizer, distinct_rows, max_ctx + 1)
+  full_size = engine.plan_cache_size(cfg, [max_ctx], np.array([new_tokens]), None)
+  memory.check_fits(cfg, max(batches), full_size, prefill_chunk)
+  params = model.params if mesh is None else sharding.shard_params(model.params, cfg, mesh)
+  cache = kv_cache.init_cache(cfg, distinct_rows, full_size)
+  t0 = time.perf_counter()
+  cache, _, compile_s = engine.prefill(params, cfg, cache, [t[:max_ctx] for t in texts],
+                                       chunk=prefill_chunk, mesh=mesh)
+  jax.block_until_ready(cache)
+  prefill_s = time.perf_counter() - t0 - compile_s
+  logging.info("prefilled %d x %d tokens in %.1fs (%.0f tok/s)", distinct_rows, max_ctx,
+               prefill_s, distinct_rows * max_ctx / prefill_s)
+  methods = ["autoregressive"] + [m for m in methods if m != "autoregressive"]
+  cells = []
+  for batch in batches:
+    for context in sorted(contexts):
+      size = engine.plan_cache_size(cfg, [context], np.array([new_tokens]), None)
+      memory.check_fits(cfg, batch, size, 1)
+      first = jnp.asarray([texts[b % distinct_rows][context] for b in range(batch)])
+      baseline = None
+      for method in methods:
+        best = None
+        for _ in range(repeats):
+          view = _tile_and_trim(cache, batch, size, context)
+          if mesh is not None:
+            view = jax.device_put(view, sharding.cache_shardings(cfg, batch, size, mesh))
+          with jax.profiler.TraceAnnotation(f"{method}_b{batch}_s{context}"):
+            res = engine.decode(params, cfg, view, first,
+                                max_new=np.full((batch,), new_tokens, np.int32), sp=sp,
+                                key=jax.random.key(_SEED.value), method=method, mesh=mesh)
+          del view, res.cache
+          if best is None or res.run_s < best.run_s:
+            best = res
+        generated = int(best.num.sum()) - batch  # the first token came from the text
+        tps = generated / best.run_s
+        nbytes = step_bytes(cfg, batch, context, new_tokens)
+        roof = batch * bw_gbps * 1e9 / nbytes
+        cell = Cell(method=method, batch=batch, context=context, new_tokens=new_tokens,
+                    compile_s=best.compile_s, decode_s=best.run_s, steps=best.steps,
+                    tokens_per_s=tps, step_ms=1e3 * best.run_s / max(best.steps, 1),
+                    bytes_per_step=nbytes, roofline_tokens_per_s=roof,
+                    roofline_fraction=tps / roof,
+                    mean_accepted=generated / max(best.steps, 1) / batch)
+        if method == "autoregressive":
+          baseline = tps
+        cell.speedup = tps / baseline
+        cells.append(cell)
+        logging.info("%s", cell)
+  return cells
+
+
+def format_table(cells: list[Cell]) -> str:
+  head = ("| method | batch | context | tok/s | step ms | speedup vs AR | tokens/step/row |"
+          " roofline tok/s | roofline fraction |")
+  lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for c in cells:
+    lines.append(f"| {c.method} | {c.batch} | {c.context} | {c.tokens_per_s:.1f} |"
+                 f" {c.step_ms:.1f} | {c.speedup:.2f}x | {c.mean_accepted:.2f} |"
+                 f" {c.roofline_tokens_per_s:.1f} | {100 * c.roofline_fraction:.1f}% |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  on_cpu = jax.devices()[0].platform == "cpu"
+  dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if on_cpu else "bfloat16")
+  batches = [int(b) for b in _BATCH.value]
+  contexts = [int(c) for c in _CONTEXT.value]
+  for m in _METHODS.value:
+    if m not in engine.METHODS:
+      raise app.UsageError(f"--method={m}; available: {', '.join(engine.METHODS)}")
+  mesh = sharding.make_mesh(*[int(x) for x in _MESH.value]) if _MESH.value else None
+  sp = sampling.SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+
+  bw = bandwidth.measure()
+  print(f"memory bandwidth: read {bw['read_gbps']:.1f} GB/s, copy {bw['copy_gbps']:.1f} GB/s"
+        f" -> roofline {bw['roofline_gbps']:.1f} GB/s")
+  t0 = time.perf_counter()
+  model = loading.load_model(_MODEL.value, param_dtype=dtype, compute_dtype=dtype)
+  print(f"loaded {model.config.name} ({dtype}) in {time.perf_counter() - t0:.1f}s")
+
+  if _PROFILE.value:
+    jax.profiler.start_trace(_PROFILE.value)
+  try:
+    cells = run_grid(model, batches, contexts, _METHODS.value, _NEW.value, sp,
+                     _DISTINCT.value, mesh, bw["roofline_gbps"], _REPEATS.value,
+                     _CHUNK.value)
+  finally:
+    if _PROFILE.value:
+      jax.profiler.stop_trace()
+      print(f"XLA trace written under {_PROFILE.value} (open with xprof or TensorBoard)")
+
+  table = format_table(cells)
+  print(table)
+  if _OUT.value:
+    out = pathlib.Path(_OUT.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python -m experiments.launch " + " ".join(sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description(), "model": model.config.name, "dtype": dtype,
+            "sampling": dataclasses.asdict(sp), "bandwidth": bw,
+            "distinct_rows": _DISTINCT.value}
+    out.write_text(json.dumps({**meta, "cells": [dataclasses.asdict(c) for c in cells]},
+                              indent=1))
+    md = [f"# {model.config.name}: {', '.join(dict.fromkeys(c.method for c in cells))}", "",
+          f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+          f"- machine: {meta['machine']['device']}; {meta['machine']['cpu']};"
+          f" jax {meta['machine']['jax']}",
+          f"- dtype: {dtype}; bandwidth read {bw['read_gbps']:.1f} GB/s, copy"
+          f" {bw['copy_gbps']:.1f} GB/s (roofline uses {bw['roofline_gbps']:.1f})", "",
+          table, ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

