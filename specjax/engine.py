@@ -167,22 +167,35 @@ def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=()):
 
 
 def _prefill_chunk(params, cache: KVCache, tokens, chunk_start, prompt_lens, last_logits,
-                   *, cfg: ModelConfig, all_logits: bool):
+                   *, cfg: ModelConfig, all_logits: bool, kv_limit: int):
   """One prefill chunk for all rows: tokens i32[B, C] are prompt[chunk_start:+C].
 
   Row b commits its ``clip(prompt_lens[b] - chunk_start, 0, C)`` valid tokens; the
   logits of its last prompt token are kept when that token falls in this chunk.
+  Attention reads only the first ``kv_limit`` cache slots (static; every committed
+  token of every row lies below it), so early chunks do not pay for the whole cache.
   """
   C = tokens.shape[1]
   n_valid = jnp.clip(prompt_lens - chunk_start, 0, C)
   last = prompt_lens - 1 - chunk_start  # [B], in-chunk index of the last prompt token
   logits_at = None if all_logits else jnp.clip(last, 0, C - 1)[:, None]
-  logits, new = model_lib.forward(params, cfg, tokens, cache, logits_at=logits_at)
+  view = KVCache(k=cache.k[:, :, :, :kv_limit], v=cache.v[:, :, :, :kv_limit],
+                 lengths=cache.lengths)
+  logits, new = model_lib.forward(params, cfg, tokens, view, logits_at=logits_at)
   cache = kv_cache.commit(cache, new, n_valid)
   if all_logits:
     return cache, logits
   here = ((last >= 0) & (last < C))[:, None]
   return cache, jnp.where(here, logits[:, 0], last_logits)
+
+
+def _kv_limit(prefix: int, chunk: int, size: int) -> int:
+  """Slots a chunk after ``prefix`` committed tokens must read: the prefix rounded up to
+  a power-of-two multiple of the chunk (few compiled shapes), capped at the cache."""
+  limit = chunk
+  while limit < prefix:
+    limit *= 2
+  return min(limit, size)
 
 
 def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], *,
@@ -200,23 +213,25 @@ def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], 
   padded = np.full((B, n_chunks * chunk), cfg.pad_id, np.int32)
   for b, p in enumerate(prompts):
     padded[b, :len(p)] = p
-  fn = functools.partial(_prefill_chunk, cfg=cfg, all_logits=all_logits)
   last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
-  tokens0 = jnp.asarray(padded[:, :chunk])
-  args = (params, cache, tokens0, jnp.int32(0), jnp.asarray(lens), last_logits)
   shardings = _step_shardings(cfg, mesh, B, cache.size, params)
   in_sh = out_sh = None
   if shardings is not None:
     p_sh, c_sh, row, rep = shardings
     in_sh = (p_sh, c_sh, row, rep, row, row)
     out_sh = (c_sh, row)
-  key = ("prefill", cfg, B, chunk, cache.size, all_logits, _mesh_key(mesh))
-  exe, compile_s = _compile(key, fn, args, in_sh, out_sh, donate_argnums=(1,))
+  lens_arr = jnp.asarray(lens)
+  compile_s = 0.0
   outs = []
   for c in range(n_chunks):
+    limit = _kv_limit(c * chunk, chunk, cache.size)
     tokens = jnp.asarray(padded[:, c * chunk:(c + 1) * chunk])
-    cache, last_logits = exe(params, cache, tokens, jnp.int32(c * chunk), jnp.asarray(lens),
-                             last_logits)
+    args = (params, cache, tokens, jnp.int32(c * chunk), lens_arr, last_logits)
+    fn = functools.partial(_prefill_chunk, cfg=cfg, all_logits=all_logits, kv_limit=limit)
+    key = ("prefill", cfg, B, chunk, cache.size, limit, all_logits, _mesh_key(mesh))
+    exe, seconds = _compile(key, fn, args, in_sh, out_sh, donate_argnums=(1,))
+    compile_s += seconds
+    cache, last_logits = exe(*args)
     if all_logits:
       outs.append(last_logits)
       last_logits = jnp.zeros((B, cfg.vocab_size), jnp.float32)
