@@ -8,9 +8,10 @@ prints tokens/s next to the memory-bandwidth roofline measured in the same run::
   python -m experiments.launch --batch=1,4,16 --context=2048 --new_tokens=64 \
       --out=experiments/results/ar.json --profile_dir=/tmp/prof
 
-Every cell decodes ``new_tokens`` per row after a prefilled context of exactly
-``context`` tokens. The text is prefilled once at the longest context (causal attention
-makes its prefix a valid cache for every shorter context) for ``distinct_rows``
+Every cell decodes ``new_tokens`` per row after a prompt of ``context - new_tokens``
+tokens, so rows end at exactly ``context`` tokens (8192 fills SmolLM2's window). The
+text is prefilled once at the longest prompt (causal attention makes its prefix a valid
+cache for every shorter prompt) for ``distinct_rows``
 different texts, which are then tiled over the batch. Decoding time does not depend on
 the text for autoregressive decoding; speculative methods should raise
 ``--distinct_rows`` so acceptance varies across rows.
@@ -47,7 +48,8 @@ _METHODS = flags.DEFINE_list("method", ["autoregressive"],
                              " Autoregressive is always measured first as the baseline.")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _CONTEXT = flags.DEFINE_list("context", ["1024", "4096", "8192"],
-                             "Context lengths (prompt tokens per row).")
+                             "Context lengths: tokens per row at the end of decoding"
+                             " (prompt = context - new_tokens).")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row in each cell.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Weights and compute; auto = float32 on CPU, bfloat16 on GPU/TPU.")
@@ -97,50 +99,53 @@ def machine_description() -> dict[str, str]:
           "python": platform.python_version()}
 
 
-def step_bytes(cfg, batch: int, context: int, new_tokens: int) -> float:
+def step_bytes(cfg, batch: int, prompt: int, new_tokens: int) -> float:
   """Bytes one decode step must read: all weights + each row's valid KV (mean length)."""
   kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
       jnp.dtype(cfg.dtype).itemsize
-  return param_bytes(cfg) + batch * kv_per_token * (context + (new_tokens - 1) / 2)
+  return param_bytes(cfg) + batch * kv_per_token * (prompt + (new_tokens - 1) / 2)
 
 
-def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, context: int):
+def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
   """A cache of ``batch`` rows (cycling over the prefilled ones) and ``size`` slots,
-  with every row's length set to ``context``."""
+  with every row's length set to ``prompt``."""
   rows = jnp.arange(batch) % cache.batch
   return kv_cache.KVCache(k=jnp.take(cache.k, rows, axis=1)[:, :, :, :size],
                           v=jnp.take(cache.v, rows, axis=1)[:, :, :, :size],
-                          lengths=jnp.full((batch,), context, jnp.int32))
+                          lengths=jnp.full((batch,), prompt, jnp.int32))
 
 
 def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, mesh,
              bw_gbps, repeats, prefill_chunk) -> list[Cell]:
   cfg = model.config
-  max_ctx = max(contexts)
-  texts = workloads.stdlib_prompts(model.tokenizer, distinct_rows, max_ctx + 1)
-  full_size = engine.plan_cache_size(cfg, [max_ctx], np.array([new_tokens]), None)
+  if min(contexts) <= new_tokens:
+    raise ValueError(f"every context must exceed new_tokens={new_tokens}; got {contexts}.")
+  max_prompt = max(contexts) - new_tokens
+  texts = workloads.stdlib_prompts(model.tokenizer, distinct_rows, max_prompt + 1)
+  full_size = engine.plan_cache_size(cfg, [max_prompt], np.array([new_tokens]), None)
   memory.check_fits(cfg, max(batches), full_size, prefill_chunk)
   params = model.params if mesh is None else sharding.shard_params(model.params, cfg, mesh)
   cache = kv_cache.init_cache(cfg, distinct_rows, full_size)
   t0 = time.perf_counter()
-  cache, _, compile_s = engine.prefill(params, cfg, cache, [t[:max_ctx] for t in texts],
+  cache, _, compile_s = engine.prefill(params, cfg, cache, [t[:max_prompt] for t in texts],
                                        chunk=prefill_chunk, mesh=mesh)
   jax.block_until_ready(cache)
   prefill_s = time.perf_counter() - t0 - compile_s
-  logging.info("prefilled %d x %d tokens in %.1fs (%.0f tok/s)", distinct_rows, max_ctx,
-               prefill_s, distinct_rows * max_ctx / prefill_s)
+  logging.info("prefilled %d x %d tokens in %.1fs (%.0f tok/s)", distinct_rows, max_prompt,
+               prefill_s, distinct_rows * max_prompt / prefill_s)
   methods = ["autoregressive"] + [m for m in methods if m != "autoregressive"]
   cells = []
   for batch in batches:
     for context in sorted(contexts):
-      size = engine.plan_cache_size(cfg, [context], np.array([new_tokens]), None)
+      prompt = context - new_tokens
+      size = engine.plan_cache_size(cfg, [prompt], np.array([new_tokens]), None)
       memory.check_fits(cfg, batch, size, 1)
-      first = jnp.asarray([texts[b % distinct_rows][context] for b in range(batch)])
+      first = jnp.asarray([texts[b % distinct_rows][prompt] for b in range(batch)])
       baseline = None
       for method in methods:
         best = None
         for _ in range(repeats):
-          view = _tile_and_trim(cache, batch, size, context)
+          view = _tile_and_trim(cache, batch, size, prompt)
           if mesh is not None:
             view = jax.device_put(view, sharding.cache_shardings(cfg, batch, size, mesh))
           with jax.profiler.TraceAnnotation(f"{method}_b{batch}_s{context}"):
@@ -152,7 +157,7 @@ def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, m
             best = res
         generated = int(best.num.sum()) - batch  # the first token came from the text
         tps = generated / best.run_s
-        nbytes = step_bytes(cfg, batch, context, new_tokens)
+        nbytes = step_bytes(cfg, batch, prompt, new_tokens)
         roof = batch * bw_gbps * 1e9 / nbytes
         cell = Cell(method=method, batch=batch, context=context, new_tokens=new_tokens,
                     compile_s=best.compile_s, decode_s=best.run_s, steps=best.steps,

@@ -1,0 +1,30 @@
+"""The experiment launcher runs end to end on the real model and records what it measured."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_launcher_small_grid_writes_results_and_trace(smollm2_path, tmp_path):
+  del smollm2_path  # ensures the model is fetched (or the test skipped) first
+  out = tmp_path / "r.json"
+  cmd = [sys.executable, "-m", "experiments.launch", "--batch=1,2", "--context=48,96",
+         "--new_tokens=4", "--repeats=1", f"--out={out}", f"--profile_dir={tmp_path / 'prof'}"]
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| autoregressive | 2 | 96 |" in proc.stdout
+  result = json.loads(out.read_text())
+  assert result["command"].startswith("python -m experiments.launch --batch=1,2")
+  assert {(c["batch"], c["context"]) for c in result["cells"]} == {
+      (1, 48), (1, 96), (2, 48), (2, 96)}
+  for cell in result["cells"]:
+    assert cell["steps"] == 3 and cell["speedup"] == 1.0
+    assert 0 < cell["roofline_fraction"] < 1.5
+    assert cell["tokens_per_s"] > 0
+  assert out.with_suffix(".md").read_text().count("| autoregressive |") == 4
+  assert list((tmp_path / "prof").rglob("*.xplane.pb")), "no XLA trace was written"
