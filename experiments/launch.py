@@ -46,6 +46,11 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m",
 _METHODS = flags.DEFINE_list("method", ["autoregressive"],
                              f"Decoding methods to compare; one of {engine.METHODS}."
                              " Autoregressive is always measured first as the baseline.")
+_GAMMA = flags.DEFINE_list("gamma", ["4"], "Draft lengths to compare (speculative methods).")
+_DRAFT_KV = flags.DEFINE_list("draft_kv", ["streaming"],
+                              "Self-speculation draft KV policies (magicdec).")
+_SINKS = flags.DEFINE_integer("sinks", 16, "Draft sink positions.")
+_WINDOW = flags.DEFINE_integer("window", 512, "Draft prefix budget (sinks included).")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _CONTEXT = flags.DEFINE_list("context", ["1024", "4096", "8192"],
                              "Context lengths: tokens per row at the end of decoding"
@@ -115,14 +120,22 @@ def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
                           lengths=jnp.full((batch,), prompt, jnp.int32))
 
 
-def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, mesh,
+def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mesh,
              bw_gbps, repeats, prefill_chunk) -> list[Cell]:
+  """Measure every (batch, context, method) cell.
+
+  Args:
+    specs: label -> SpecConfig; "autoregressive" (gamma 0) must come first, it is the
+      baseline each cell's speedup is measured against.
+  """
   cfg = model.config
   if min(contexts) <= new_tokens:
     raise ValueError(f"every context must exceed new_tokens={new_tokens}; got {contexts}.")
   max_prompt = max(contexts) - new_tokens
   texts = workloads.stdlib_prompts(model.tokenizer, distinct_rows, max_prompt + 1)
-  full_size = engine.plan_cache_size(cfg, [max_prompt], np.array([new_tokens]), None)
+  scratch = max(s.gamma for s in specs.values())
+  full_size = engine.plan_cache_size(cfg, [max_prompt], np.array([new_tokens]), None,
+                                     extra=scratch)
   memory.check_fits(cfg, max(batches), full_size, prefill_chunk)
   params = model.params if mesh is None else sharding.shard_params(model.params, cfg, mesh)
   cache = kv_cache.init_cache(cfg, distinct_rows, full_size)
@@ -133,16 +146,16 @@ def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, m
   prefill_s = time.perf_counter() - t0 - compile_s
   logging.info("prefilled %d x %d tokens in %.1fs (%.0f tok/s)", distinct_rows, max_prompt,
                prefill_s, distinct_rows * max_prompt / prefill_s)
-  methods = ["autoregressive"] + [m for m in methods if m != "autoregressive"]
   cells = []
   for batch in batches:
     for context in sorted(contexts):
       prompt = context - new_tokens
-      size = engine.plan_cache_size(cfg, [prompt], np.array([new_tokens]), None)
+      size = engine.plan_cache_size(cfg, [prompt], np.array([new_tokens]), None,
+                                    extra=scratch)
       memory.check_fits(cfg, batch, size, 1)
       first = jnp.asarray([texts[b % distinct_rows][prompt] for b in range(batch)])
       baseline = None
-      for method in methods:
+      for method in specs:
         best = None
         for _ in range(repeats):
           view = _tile_and_trim(cache, batch, size, prompt)
@@ -151,7 +164,8 @@ def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, m
           with jax.profiler.TraceAnnotation(f"{method}_b{batch}_s{context}"):
             res = engine.decode(params, cfg, view, first,
                                 max_new=np.full((batch,), new_tokens, np.int32), sp=sp,
-                                key=jax.random.key(_SEED.value), method=method, mesh=mesh)
+                                spec=specs[method], key=jax.random.key(_SEED.value),
+                                mesh=mesh)
           del view, res.cache
           if best is None or res.run_s < best.run_s:
             best = res
@@ -164,7 +178,7 @@ def run_grid(model, batches, contexts, methods, new_tokens, sp, distinct_rows, m
                     tokens_per_s=tps, step_ms=1e3 * best.run_s / max(best.steps, 1),
                     bytes_per_step=nbytes, roofline_tokens_per_s=roof,
                     roofline_fraction=tps / roof,
-                    mean_accepted=generated / max(best.steps, 1) / batch)
+                    mean_accepted=best.tokens_per_round)
         if method == "autoregressive":
           baseline = tps
         cell.speedup = tps / baseline
@@ -191,9 +205,17 @@ def main(argv):
   dtype = _DTYPE.value if _DTYPE.value != "auto" else ("float32" if on_cpu else "bfloat16")
   batches = [int(b) for b in _BATCH.value]
   contexts = [int(c) for c in _CONTEXT.value]
+  specs = {"autoregressive": engine.spec_config("autoregressive")}
   for m in _METHODS.value:
     if m not in engine.METHODS:
       raise app.UsageError(f"--method={m}; available: {', '.join(engine.METHODS)}")
+    if m == "autoregressive":
+      continue
+    for kv in _DRAFT_KV.value:
+      for g in _GAMMA.value:
+        specs[f"{m}/{kv}/g{g}"] = engine.spec_config(m, gamma=int(g), draft_kv=kv,
+                                                      sinks=_SINKS.value,
+                                                      window=_WINDOW.value)
   mesh = sharding.make_mesh(*[int(x) for x in _MESH.value]) if _MESH.value else None
   sp = sampling.SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
 
@@ -207,7 +229,7 @@ def main(argv):
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
   try:
-    cells = run_grid(model, batches, contexts, _METHODS.value, _NEW.value, sp,
+    cells = run_grid(model, batches, contexts, specs, _NEW.value, sp,
                      _DISTINCT.value, mesh, bw["roofline_gbps"], _REPEATS.value,
                      _CHUNK.value)
   finally:
@@ -221,6 +243,7 @@ def main(argv):
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m experiments.launch " + " ".join(sys.argv[1:]),
+            "methods": {label: dataclasses.asdict(spec) for label, spec in specs.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_description(), "model": model.config.name, "dtype": dtype,
             "sampling": dataclasses.asdict(sp), "bandwidth": bw,

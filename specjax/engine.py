@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import kv_cache, memory, model as model_lib, sampling
+from specjax import drafts, kv_cache, memory, model as model_lib, sampling, verify
 from specjax import sharding as sharding_lib
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache
 
-METHODS = ("autoregressive",)
+METHODS = ("autoregressive", "magicdec")
 DEFAULT_PREFILL_CHUNK = 512
 _CACHE_ALIGN = 128
 
@@ -41,7 +41,8 @@ class GenerateStats:
   compile_s: float
   prefill_s: float
   decode_s: float
-  decode_steps: int  # target forward passes after prefill
+  decode_steps: int  # target forward passes after prefill (speculation rounds)
+  tokens_per_round: float  # mean tokens a generating row gains per round
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -266,47 +267,93 @@ def _step_shardings(cfg, mesh, batch, cache_size, params):
           sharding_lib.replicated(mesh))
 
 
+def _emit(out, num, done, toks, count, max_new, eos):
+  """Append ``toks[b, :count[b]]`` to each active row, cut at its budget and first EOS.
+
+  Args:
+    out: i32[B, N] output buffer; num: i32[B] tokens already in it; done: bool[B].
+    toks: i32[B, R] this round's tokens; count: i32[B] how many of them are real.
+  """
+  B, R = toks.shape
+  i = jnp.arange(R)[None, :]
+  count = jnp.where(done, 0, jnp.minimum(count, max_new - num))
+  is_eos = (toks[..., None] == eos).any(-1) & (i < count[:, None])
+  hit = is_eos.any(-1)
+  count = jnp.where(hit, jnp.argmax(is_eos, axis=-1) + 1, count)
+  idx = jnp.where(i < count[:, None], num[:, None] + i, out.shape[1])
+  out = out.at[jnp.arange(B)[:, None], idx].set(toks, mode="drop")
+  num = num + count
+  return out, num, done | hit | (num >= max_new)
+
+
+def _spec_round(params, cfg, cache, pending, key, spec: drafts.SpecConfig, sp):
+  """Draft gamma tokens, verify gamma + 1 in one target forward, commit the accepted.
+
+  Args:
+    pending: i32[B] each row's last accepted token, not yet in the cache.
+
+  Returns:
+    (cache, tokens i32[B, gamma + 1], count i32[B], next pending i32[B]) where row b's
+    new tokens are ``tokens[b, :count[b]]`` (accepted drafts, then the target's token).
+  """
+  key_draft, key_verify = jax.random.split(key)
+  B, G = pending.shape[0], spec.gamma
+  if G:
+    drafted, q = drafts.draft_self(params, cfg, cache, pending, key_draft, spec, sp)
+  else:
+    drafted = jnp.zeros((B, 0), jnp.int32)
+    q = jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)
+  logits, new = model_lib.forward(params, cfg,
+                                  jnp.concatenate([pending[:, None], drafted], 1), cache)
+  n, nxt = verify.verify_chain(key_verify, drafted, q, sampling.probabilities(logits, sp))
+  cache = kv_cache.commit(cache, new, n + 1)  # the pending token + accepted drafts
+  i = jnp.arange(G + 1)[None, :]
+  padded = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], 1)
+  return cache, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
+
+
 def _decode_loop(params, cache: KVCache, first, key, max_new, *, cfg: ModelConfig,
-                 sp: sampling.SamplingParams, eos_ids: tuple[int, ...], n_steps: int):
-  """Autoregressive decoding as one on-device while loop.
+                 sp: sampling.SamplingParams, spec: drafts.SpecConfig,
+                 eos_ids: tuple[int, ...], n_out: int):
+  """Speculative (gamma > 0) or autoregressive (gamma = 0) decoding as one on-device
+  while loop over rounds.
 
   Args:
     first: i32[B] the token sampled from the prefill logits (not yet in the cache).
     max_new: i32[B] per-row token budget (the first token counts).
-    n_steps: static width of the output buffer, max(max_new).
+    n_out: static width of the output buffer, max(max_new).
 
   Returns:
-    out i32[B, n_steps] (pad after a row stops), num i32[B] tokens per row, the cache,
-    and the number of decode steps run.
+    out i32[B, n_out] (pad after a row stops), num i32[B] tokens per row, the cache,
+    rounds run, and row-rounds (sum over rounds of rows still active).
   """
   B = first.shape[0]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-
-  def is_eos(tok):
-    return (tok[:, None] == eos[None, :]).any(-1)
-
-  out = jnp.full((B, n_steps), cfg.pad_id, jnp.int32).at[:, 0].set(first)
-  num = jnp.ones((B,), jnp.int32)
-  done = is_eos(first) | (num >= max_new)
+  out = jnp.full((B, n_out), cfg.pad_id, jnp.int32)
+  out, num, done = _emit(out, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool),
+                         first[:, None], jnp.ones((B,), jnp.int32), max_new, eos)
 
   def cond(state):
-    step, _, _, _, _, done, _ = state
-    return (step < n_steps) & ~done.all()
+    return ~state["done"].all()
 
   def body(state):
-    step, cache, cur, out, num, done, key = state
-    logits, new = model_lib.forward(params, cfg, cur[:, None], cache)
-    cache = kv_cache.commit(cache, new, (~done).astype(jnp.int32))
-    key, sub = jax.random.split(key)
-    nxt = jnp.where(done, cfg.pad_id, sampling.sample(sub, logits[:, 0], sp))
-    out = out.at[:, step].set(nxt)
-    num = num + (~done).astype(jnp.int32)
-    done = done | is_eos(nxt) | (num >= max_new)
-    return step + 1, cache, nxt, out, num, done, key
+    key, sub = jax.random.split(state["key"])
+    active = ~state["done"]
+    # Finished rows still run (static shapes) but commit nothing: lengths stay put.
+    cache, toks, count, nxt = _spec_round(params, cfg, state["cache"], state["pending"],
+                                          sub, spec, sp)
+    cache = dataclasses.replace(
+        cache, lengths=jnp.where(active, cache.lengths, state["cache"].lengths))
+    out, num, done = _emit(state["out"], state["num"], state["done"], toks, count, max_new,
+                           eos)
+    return dict(cache=cache, pending=nxt, out=out, num=num, done=done, key=key,
+                rounds=state["rounds"] + 1,
+                row_rounds=state["row_rounds"] + active.sum(dtype=jnp.int32))
 
-  state = (jnp.int32(1), cache, first, out, num, done, key)
-  step, cache, _, out, num, _, _ = jax.lax.while_loop(cond, body, state)
-  return out, num, cache, step - 1
+  state = dict(cache=cache, pending=first, out=out, num=num, done=done, key=key,
+               rounds=jnp.int32(0), row_rounds=jnp.int32(0))
+  state = jax.lax.while_loop(cond, body, state)
+  return state["out"], state["num"], state["cache"], state["rounds"], state["row_rounds"]
 
 
 @dataclasses.dataclass
@@ -315,50 +362,67 @@ class DecodeResult:
 
   tokens: np.ndarray  # i32[B, n]; row b's tokens are tokens[b, :num[b]]
   num: np.ndarray  # i32[B]
-  steps: int  # target forward passes
+  steps: int  # rounds = target forward passes
+  row_rounds: int  # sum over rounds of the rows still generating
   compile_s: float
   run_s: float
   cache: KVCache
 
+  @property
+  def tokens_per_round(self) -> float:
+    """Mean tokens a generating row gains per target forward (1 for autoregressive)."""
+    return float(self.num.sum() - len(self.num)) / max(self.row_rounds, 1)
+
 
 def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
            max_new: np.ndarray, sp: sampling.SamplingParams = sampling.SamplingParams(),
-           key: jax.Array | None = None, eos_ids: tuple[int, ...] = (), method: str = "autoregressive",
-           mesh=None) -> DecodeResult:
-  """Continue every row of a prefilled cache with the chosen method.
+           spec: drafts.SpecConfig = drafts.SpecConfig(), key: jax.Array | None = None,
+           eos_ids: tuple[int, ...] = (), mesh=None) -> DecodeResult:
+  """Continue every row of a prefilled cache, autoregressively or speculatively.
 
   Args:
     cache: prefilled cache; row b continues after its ``lengths[b]`` tokens. Donated.
+      It needs ``spec.gamma`` slots of scratch past each row's last token.
     first: i32[B] each row's next token (sampled from the prefill logits, or taken
       from the text when benchmarking); it is the first output token.
     max_new: i32[B] tokens per row, ``first`` included.
+    spec: speculation settings; ``gamma=0`` is autoregressive decoding.
     key: PRNG key for sampling.
 
   Returns:
     A DecodeResult; ``run_s`` excludes compilation.
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
   B = first.shape[0]
-  n_steps = int(max_new.max())
-  fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, eos_ids=tuple(eos_ids),
-                         n_steps=n_steps)
+  n_out = int(max_new.max())
+  fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, spec=spec, eos_ids=tuple(eos_ids),
+                         n_out=n_out)
   key = jax.random.key(0) if key is None else key
-  args = (params, cache, jnp.asarray(first, jnp.int32), key,
-          jnp.asarray(max_new))
+  args = (params, cache, jnp.asarray(first, jnp.int32), key, jnp.asarray(max_new))
   shardings = _step_shardings(cfg, mesh, B, cache.size, params)
   in_sh = out_sh = None
   if shardings is not None:
     p_sh, c_sh, row, rep = shardings
     in_sh = (p_sh, c_sh, row, rep, row)
-    out_sh = (row, row, c_sh, rep)
-  exe, compile_s = _compile(("ar", cfg, sp, tuple(eos_ids), n_steps, B, cache.size,
+    out_sh = (row, row, c_sh, rep, rep)
+  exe, compile_s = _compile(("decode", cfg, sp, spec, tuple(eos_ids), n_out, B, cache.size,
                              _mesh_key(mesh)), fn, args, in_sh, out_sh, donate_argnums=(1,))
   t0 = time.perf_counter()
-  out, num, cache, steps = exe(*args)
-  out, num, steps = jax.device_get((out, num, steps))
-  return DecodeResult(tokens=out, num=num, steps=int(steps), compile_s=compile_s,
-                      run_s=time.perf_counter() - t0, cache=cache)
+  out, num, cache, rounds, row_rounds = exe(*args)
+  out, num, rounds, row_rounds = jax.device_get((out, num, rounds, row_rounds))
+  return DecodeResult(tokens=out, num=num, steps=int(rounds), row_rounds=int(row_rounds),
+                      compile_s=compile_s, run_s=time.perf_counter() - t0, cache=cache)
+
+
+def spec_config(method: str, *, gamma: int = 4, draft_kv: str = "streaming",
+                sinks: int = 16, window: int = 512) -> drafts.SpecConfig:
+  """The speculation settings of a named method."""
+  if method == "autoregressive":
+    return drafts.SpecConfig(gamma=0)
+  if method == "magicdec":
+    if gamma < 1:
+      raise ValueError(f"method='magicdec' needs gamma >= 1; got {gamma}.")
+    return drafts.SpecConfig(gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window)
+  raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
 
 
 # ----------------------------------------------------------------------------------
@@ -377,6 +441,10 @@ def generate(model,
              eos_ids: Sequence[int] | None = None,
              max_cache_len: int | None = None,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+             gamma: int = 4,
+             draft_kv: str = "streaming",
+             sinks: int = 16,
+             window: int = 512,
              mesh=None) -> GenerateOutput:
   """Generate continuations for a batch of prompts.
 
@@ -392,20 +460,24 @@ def generate(model,
     max_cache_len: cap on cache slots per row; a prompt that does not fit with its new
       tokens raises ValueError instead of being truncated.
     prefill_chunk: tokens per prefill step.
+    gamma: drafted tokens per round (speculative methods).
+    draft_kv: the self-speculation draft's view of the prefix ("streaming").
+    sinks, window: the draft's prefix budget: ``window`` positions in all, the first
+      ``sinks`` of the sequence plus the most recent ``window - sinks``.
     mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
 
   Returns:
     GenerateOutput with per-row generated ids, decoded texts and timings.
   """
-  if method not in METHODS:
-    raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
+  spec = spec_config(method, gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window)
   cfg: ModelConfig = model.config
   sp = sampling.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
   tokenizer = getattr(model, "tokenizer", None)
   ids = encode_prompts(prompts, cfg, tokenizer)
   B = len(ids)
   max_new = per_row(max_new_tokens, B, "max_new_tokens")
-  size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len)
+  size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len,
+                         extra=spec.gamma)
   n_dev = 1 if mesh is None else mesh.size
   memory.check_fits(cfg, B, size, min(prefill_chunk, size), num_devices=n_dev)
   eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
@@ -419,8 +491,8 @@ def generate(model,
   prefill_s = time.perf_counter() - t0 - compile_prefill
   key_first, key_decode = jax.random.split(jax.random.key(seed))
   first = sampling.sample(key_first, first_logits, sp)
-  res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, key=key_decode,
-               eos_ids=eos, method=method, mesh=mesh)
+  res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
+               key=key_decode, eos_ids=eos, mesh=mesh)
   out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None
@@ -429,7 +501,8 @@ def generate(model,
   stats = GenerateStats(batch=B, prompt_tokens=int(sum(len(p) for p in ids)),
                         new_tokens=int(num.sum()), cache_size=size,
                         compile_s=compile_prefill + res.compile_s, prefill_s=prefill_s,
-                        decode_s=res.run_s, decode_steps=res.steps)
+                        decode_s=res.run_s, decode_steps=res.steps,
+                        tokens_per_round=res.tokens_per_round)
   return GenerateOutput(tokens=tokens, texts=texts, stats=stats)
 
 

@@ -63,9 +63,13 @@ def apply_rope(x: jax.Array,  # [B, T, N, D]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, lengths, positions,
-           new_mask, window):
-  """One decoder block. x: [B, T, E]; returns (x, (k_new, v_new)) with k_new [B, T, K, D]."""
+def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, pending_k, pending_v,
+           lengths, positions, new_mask, window):
+  """One decoder block. x: [B, T, E]; returns (x, (k_new, v_new)) with k_new [B, T, K, D].
+
+  pending_k/v: [B, P, K, D] keys/values of uncommitted earlier tokens (or None); the
+  new tokens see them through the first P columns of ``new_mask``.
+  """
   dt = cfg.dtype
   inv_freq = rope_frequencies(cfg)
   h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
@@ -74,7 +78,12 @@ def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, lengths, p
   v = jnp.einsum("bte,ekd->btkd", h, layer.wv.astype(dt))
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
-  o = attention_lib.attention(q, k, v, k_cache, v_cache, lengths, new_mask, window=window)
+  k_seen, v_seen = k, v
+  if pending_k is not None:
+    k_seen = jnp.concatenate([pending_k.astype(k.dtype), k], axis=1)
+    v_seen = jnp.concatenate([pending_v.astype(v.dtype), v], axis=1)
+  o = attention_lib.attention(q, k_seen, v_seen, k_cache, v_cache, lengths, new_mask,
+                              window=window)
   x = x + jnp.einsum("bthd,hde->bte", o, layer.wo.astype(dt))
   h = rms_norm(x, layer.mlp_norm, cfg.rms_eps)
   gate = jnp.einsum("bte,ef->btf", h, layer.w_gate.astype(dt))
@@ -102,6 +111,7 @@ def forward(params: Params,
             new_mask: jax.Array | None = None,  # bool[T, T] or bool[B, T, T]
             window: attention_lib.Window | None = None,
             logits_at: jax.Array | None = None,  # i32[B, N]
+            pending: NewKV | None = None,  # [L, B, P, K, D]
             ) -> tuple[jax.Array, NewKV]:
   """Run T new tokens per row after each row's committed prefix.
 
@@ -112,10 +122,13 @@ def forward(params: Params,
     cache: the KV cache; read, never written.
     offsets: position of each new token relative to ``cache.lengths`` (default
       ``arange(T)``; tree nodes use their depth).
-    new_mask: which new tokens each new token attends to (default causal).
+    new_mask: which new tokens each new token attends to (default causal); with
+      ``pending``, bool[T, P + T] whose first P columns are the pending tokens.
     window: restrict the prefix to sinks + recent positions (sparse-KV drafts).
     logits_at: compute logits only at these new-token indices (e.g. each row's last
       prompt token during prefill); None computes all T.
+    pending: keys/values of P earlier tokens that are not committed to the cache (a
+      draft's own drafted tokens); they sit between the prefix and the new tokens.
 
   Returns:
     logits: f32[B, T or N, V]; new_kv: the keys/values of the T new tokens.
@@ -130,11 +143,12 @@ def forward(params: Params,
   x = jnp.take(params.embedding, tokens, axis=0).astype(cfg.dtype)  # [B, T, E]
 
   def step(x, per_layer):
-    layer, k_cache, v_cache = per_layer
-    return _block(cfg, x, layer, k_cache, v_cache, cache.lengths, positions, new_mask,
-                  window)
+    layer, k_cache, v_cache, pending_k, pending_v = per_layer
+    return _block(cfg, x, layer, k_cache, v_cache, pending_k, pending_v, cache.lengths,
+                  positions, new_mask, window)
 
-  x, (k_new, v_new) = jax.lax.scan(step, x, (params.layers, cache.k, cache.v))
+  pk, pv = (None, None) if pending is None else (pending.k, pending.v)
+  x, (k_new, v_new) = jax.lax.scan(step, x, (params.layers, cache.k, cache.v, pk, pv))
   if logits_at is not None:
     x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
   return output_logits(cfg, params, x), NewKV(k=k_new, v=v_new)

@@ -1,0 +1,121 @@
+"""Speculative decoding is lossless: greedy equality and the target distribution."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import specjax
+from specjax import engine, sampling, verify
+from specjax.config import tiny_config
+from specjax.params import init_params
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 6, [3, 4], list(range(20, 61))]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = tiny_config(eos_ids=())
+  return specjax.Model(config=cfg, params=init_params(cfg, jax.random.key(0)), tokenizer=None)
+
+
+@pytest.mark.parametrize("gamma, sinks, window", [(1, 2, 8), (3, 1, 4), (5, 4, 16), (4, 16, 512)])
+def test_greedy_magicdec_equals_autoregressive(tiny, gamma, sinks, window):
+  budgets = [20, 13, 30]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="magicdec", gamma=gamma,
+                        sinks=sinks, window=window)
+  assert sd.tokens == ar.tokens
+  assert 1.0 <= sd.stats.tokens_per_round <= gamma + 1
+  if window >= 512:  # the draft sees everything the target sees: every draft accepted
+    assert sd.stats.tokens_per_round > gamma
+
+
+def test_greedy_magicdec_stops_rows_at_eos_and_budget(tiny):
+  free = specjax.generate(tiny, PROMPTS, max_new_tokens=24).tokens
+  eos = free[2][5]
+  kw = dict(max_new_tokens=[24, 7, 24], eos_ids=[eos])
+  assert (specjax.generate(tiny, PROMPTS, method="magicdec", gamma=3, sinks=1, window=6,
+                           **kw).tokens == specjax.generate(tiny, PROMPTS, **kw).tokens)
+
+
+def test_verify_chain_greedy_rule():
+  V = 5
+  onehot = lambda ids: jax.nn.one_hot(jnp.asarray(ids), V)
+  drafts = jnp.array([[1, 2, 3], [1, 2, 3], [4, 4, 4]])
+  p = onehot([[1, 2, 3, 0], [1, 0, 3, 2], [2, 4, 4, 1]])  # target argmax per position
+  n, nxt = verify.verify_chain(jax.random.key(0), drafts, onehot(drafts), p)
+  np.testing.assert_array_equal(n, [3, 1, 0])
+  np.testing.assert_array_equal(nxt, [0, 0, 2])  # bonus; correction; correction
+
+
+def _chi2_critical(df, z=3.09):  # Wilson-Hilferty, p ~ 0.001
+  return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def _exact_joint(model, prompt, sp, n_tokens, V):
+  """P(t1..tn | prompt) under the target with the sampling filters, by enumeration."""
+  prefixes = [list(prompt) + list(t) for k in range(n_tokens)
+              for t in itertools.product(range(V), repeat=k)]
+  probs = {tuple(p[len(prompt):]): np.asarray(sampling.probabilities(jnp.asarray(l[-1]), sp))
+           for p, l in zip(prefixes, specjax.logits(model, prefixes))}
+  joint = {}
+  for seq in itertools.product(range(V), repeat=n_tokens):
+    joint[seq] = np.prod([probs[seq[:k]][seq[k]] for k in range(n_tokens)])
+  return joint
+
+
+def _chi2(model, prompt, sp, n_rows, **kw):
+  V = model.config.vocab_size
+  out = specjax.generate(model, [prompt] * n_rows, max_new_tokens=3, temperature=sp.temperature,
+                         top_k=sp.top_k, top_p=sp.top_p, seed=7, **kw)
+  counts = {}
+  for t in out.tokens:
+    counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+  expected = {k: v * n_rows for k, v in _exact_joint(model, prompt, sp, 3, V).items()}
+  big = [k for k, e in expected.items() if e >= 5]
+  rest_e = n_rows - sum(expected[k] for k in big)
+  rest_o = n_rows - sum(counts.get(k, 0) for k in big)
+  chi2 = sum((counts.get(k, 0) - expected[k]) ** 2 / expected[k] for k in big)
+  if rest_e >= 5:
+    chi2 += (rest_o - rest_e) ** 2 / rest_e
+  return chi2, len(big) - (0 if rest_e >= 5 else 1)
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+  cfg = tiny_config(vocab_size=6, eos_ids=(), pad_id=0, bos_id=None)
+  params = init_params(cfg, jax.random.key(11))
+  params.embedding = params.embedding * 4.0  # sharper, input-dependent distributions
+  return specjax.Model(config=cfg, params=params, tokenizer=None)
+
+
+STOCHASTIC = dict(method="magicdec", gamma=2, sinks=1, window=3)
+PROMPT = [1, 4, 2, 5, 3, 0, 4, 1, 2, 2, 5, 3]
+
+
+@pytest.mark.parametrize("sp", [sampling.SamplingParams(temperature=1.0),
+                                sampling.SamplingParams(temperature=0.8, top_k=4, top_p=0.9)])
+def test_stochastic_magicdec_preserves_target_distribution(small_vocab, sp):
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **STOCHASTIC)
+  assert chi2 < _chi2_critical(df), (chi2, df)
+
+
+_VERIFY_CHAIN = verify.verify_chain
+
+
+def _broken_verify(key, drafts, q, p):
+  """Wrong on purpose: after a rejection, sample from p instead of the residual."""
+  n, _ = _VERIFY_CHAIN(key, drafts, q, p)
+  p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
+  return n, jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n)).astype(jnp.int32)
+
+
+def test_distribution_test_detects_broken_verification(small_vocab, monkeypatch):
+  sp = sampling.SamplingParams(temperature=1.0)
+  monkeypatch.setattr(verify, "verify_chain", _broken_verify)
+  monkeypatch.setattr(engine, "_COMPILED", {})  # recompile with the broken rule
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **STOCHASTIC)
+  assert chi2 > _chi2_critical(df), (chi2, df)
