@@ -62,6 +62,32 @@ class SpecConfig:
     return Window(sinks=self.sinks, recent=self.window - self.sinks)
 
 
+def init_state(spec: SpecConfig, cfg: ModelConfig, cache: KVCache):
+  """Per-policy draft state after prefill (a pytree carried through the decode loop).
+
+  The streaming self-draft needs none: its whole view is derived from ``lengths``.
+  """
+  del spec, cfg, cache
+  return None
+
+
+def propose(params, cfg: ModelConfig, cache: KVCache, state, pending: jax.Array,
+            key: jax.Array, spec: SpecConfig, sp: sampling.SamplingParams):
+  """Draft ``spec.gamma`` tokens after each row's pending token.
+
+  Returns:
+    drafts i32[B, gamma], their distributions f32[B, gamma, V], and the draft state.
+  """
+  drafted, q = draft_self(params, cfg, cache, pending, key, spec, sp)
+  return drafted, q, state
+
+
+def after_verify(state, spec: SpecConfig, cache: KVCache, n_kept: jax.Array):
+  """Update the draft state once the target committed ``n_kept[b]`` tokens per row."""
+  del spec, cache, n_kept
+  return state
+
+
 def draft_self(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, key: jax.Array,
                spec: SpecConfig, sp: sampling.SamplingParams
                ) -> tuple[jax.Array, jax.Array]:

@@ -286,20 +286,22 @@ def _emit(out, num, done, toks, count, max_new, eos):
   return out, num, done | hit | (num >= max_new)
 
 
-def _spec_round(params, cfg, cache, pending, key, spec: drafts.SpecConfig, sp):
+def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.SpecConfig, sp):
   """Draft gamma tokens, verify gamma + 1 in one target forward, commit the accepted.
 
   Args:
     pending: i32[B] each row's last accepted token, not yet in the cache.
 
   Returns:
-    (cache, tokens i32[B, gamma + 1], count i32[B], next pending i32[B]) where row b's
-    new tokens are ``tokens[b, :count[b]]`` (accepted drafts, then the target's token).
+    (cache, draft_state, tokens i32[B, gamma + 1], count i32[B], next pending i32[B])
+    where row b's new tokens are ``tokens[b, :count[b]]`` (accepted drafts, then the
+    target's token).
   """
   key_draft, key_verify = jax.random.split(key)
   B, G = pending.shape[0], spec.gamma
   if G:
-    drafted, q = drafts.draft_self(params, cfg, cache, pending, key_draft, spec, sp)
+    drafted, q, draft_state = drafts.propose(params, cfg, cache, draft_state, pending,
+                                             key_draft, spec, sp)
   else:
     drafted = jnp.zeros((B, 0), jnp.int32)
     q = jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)
@@ -307,12 +309,15 @@ def _spec_round(params, cfg, cache, pending, key, spec: drafts.SpecConfig, sp):
                                   jnp.concatenate([pending[:, None], drafted], 1), cache)
   n, nxt = verify.verify_chain(key_verify, drafted, q, sampling.probabilities(logits, sp))
   cache = kv_cache.commit(cache, new, n + 1)  # the pending token + accepted drafts
+  if G:
+    draft_state = drafts.after_verify(draft_state, spec, cache, n + 1)
   i = jnp.arange(G + 1)[None, :]
   padded = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], 1)
-  return cache, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
+  return cache, draft_state, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
 
 
-def _decode_loop(params, cache: KVCache, first, key, max_new, *, cfg: ModelConfig,
+def _decode_loop(params, cache: KVCache, draft_state, first, key, max_new, *,
+                 cfg: ModelConfig,
                  sp: sampling.SamplingParams, spec: drafts.SpecConfig,
                  eos_ids: tuple[int, ...], n_out: int):
   """Speculative (gamma > 0) or autoregressive (gamma = 0) decoding as one on-device
@@ -340,17 +345,17 @@ def _decode_loop(params, cache: KVCache, first, key, max_new, *, cfg: ModelConfi
     key, sub = jax.random.split(state["key"])
     active = ~state["done"]
     # Finished rows still run (static shapes) but commit nothing: lengths stay put.
-    cache, toks, count, nxt = _spec_round(params, cfg, state["cache"], state["pending"],
-                                          sub, spec, sp)
+    cache, draft_state, toks, count, nxt = _spec_round(
+        params, cfg, state["cache"], state["draft"], state["pending"], sub, spec, sp)
     cache = dataclasses.replace(
         cache, lengths=jnp.where(active, cache.lengths, state["cache"].lengths))
     out, num, done = _emit(state["out"], state["num"], state["done"], toks, count, max_new,
                            eos)
-    return dict(cache=cache, pending=nxt, out=out, num=num, done=done, key=key,
+    return dict(cache=cache, draft=draft_state, pending=nxt, out=out, num=num, done=done, key=key,
                 rounds=state["rounds"] + 1,
                 row_rounds=state["row_rounds"] + active.sum(dtype=jnp.int32))
 
-  state = dict(cache=cache, pending=first, out=out, num=num, done=done, key=key,
+  state = dict(cache=cache, draft=draft_state, pending=first, out=out, num=num, done=done, key=key,
                rounds=jnp.int32(0), row_rounds=jnp.int32(0))
   state = jax.lax.while_loop(cond, body, state)
   return state["out"], state["num"], state["cache"], state["rounds"], state["row_rounds"]
@@ -397,12 +402,14 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, spec=spec, eos_ids=tuple(eos_ids),
                          n_out=n_out)
   key = jax.random.key(0) if key is None else key
-  args = (params, cache, jnp.asarray(first, jnp.int32), key, jnp.asarray(max_new))
+  draft_state = drafts.init_state(spec, cfg, cache) if spec.gamma else None
+  args = (params, cache, draft_state, jnp.asarray(first, jnp.int32), key,
+          jnp.asarray(max_new))
   shardings = _step_shardings(cfg, mesh, B, cache.size, params)
   in_sh = out_sh = None
   if shardings is not None:
     p_sh, c_sh, row, rep = shardings
-    in_sh = (p_sh, c_sh, row, rep, row)
+    in_sh = (p_sh, c_sh, None if draft_state is None else rep, row, rep, row)
     out_sh = (row, row, c_sh, rep, rep)
   exe, compile_s = _compile(("decode", cfg, sp, spec, tuple(eos_ids), n_out, B, cache.size,
                              _mesh_key(mesh)), fn, args, in_sh, out_sh, donate_argnums=(1,))
