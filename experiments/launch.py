@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bandwidth, workloads
-from specjax import engine, kv_cache, loading, memory, sampling, sharding
+from specjax import cost_model, engine, kv_cache, loading, memory, sampling, sharding
 from specjax.params import param_bytes
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m",
@@ -89,6 +89,9 @@ class Cell:
   roofline_fraction: float
   speedup: float | None = None
   mean_accepted: float | None = None
+  acceptance_rate: float | None = None  # per-token alpha inverted from mean_accepted
+  predicted_speedup: float | None = None  # cost model, calibrated in the same run
+  auto_gamma: int | None = None  # the cost model's choice for this (batch, context)
 
 
 def machine_description() -> dict[str, str]:
@@ -184,17 +187,73 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
         cell.speedup = tps / baseline
         cells.append(cell)
         logging.info("%s", cell)
+      _predict(params, cfg, batch, context, specs, cells[-len(specs):])
   return cells
 
 
+def _predict(params, cfg, batch, context, specs, cells):
+  """Calibrate the cost model for this bucket; fill predicted speedups and the auto pick.
+
+  alpha comes from the smallest-gamma run of each draft policy (acceptance per token
+  barely depends on gamma); the auto pick is the gamma the model predicts fastest.
+  """
+  by_policy: dict[str, list[Cell]] = {}
+  for cell in cells:
+    spec = specs[cell.method]
+    if spec.gamma and spec.draft_kv == "streaming":
+      by_policy.setdefault(spec.draft_kv, []).append(cell)
+  for policy, group in by_policy.items():
+    gammas = [specs[c.method].gamma for c in group]
+    timings = cost_model.calibrate(params, cfg, batch, context, gammas,
+                                   specs[group[0].method])
+    probe = min(group, key=lambda c: specs[c.method].gamma)
+    alpha = cost_model.acceptance_from_tokens(probe.mean_accepted,
+                                              specs[probe.method].gamma)
+    auto = cost_model.choose_gamma(timings, alpha, gammas)
+    for cell in group:
+      g = specs[cell.method].gamma
+      cell.acceptance_rate = cost_model.acceptance_from_tokens(cell.mean_accepted, g)
+      cell.predicted_speedup = timings.predicted_speedup(alpha, g)
+      cell.auto_gamma = auto
+    logging.info("cost model b=%d s=%d %s: alpha=%.3f timings=%s -> gamma %d", batch,
+                 context, policy, alpha, timings, auto)
+
+
+def plot_speedups(cells: list[Cell], path: pathlib.Path) -> bool:
+  """Speedup vs batch, one line per context length, one panel per speculative method."""
+  methods = [m for m in dict.fromkeys(c.method for c in cells) if m != "autoregressive"]
+  if not methods:
+    return False
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
+  for ax, method in zip(axes[0], methods):
+    mine = [c for c in cells if c.method == method]
+    for context in sorted({c.context for c in mine}):
+      pts = sorted((c.batch, c.speedup) for c in mine if c.context == context)
+      ax.plot(*zip(*pts), marker="o", label=f"context {context}")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set(title=method, xlabel="batch", ylabel="speedup vs autoregressive")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
 def format_table(cells: list[Cell]) -> str:
-  head = ("| method | batch | context | tok/s | step ms | speedup vs AR | tokens/step/row |"
-          " roofline tok/s | roofline fraction |")
-  lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  head = ("| method | batch | context | tok/s | step ms | speedup vs AR | predicted |"
+          " tokens/step/row | alpha | auto gamma | roofline tok/s | roofline fraction |")
+  lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  fmt = lambda x, f: "-" if x is None else format(x, f)
   for c in cells:
     lines.append(f"| {c.method} | {c.batch} | {c.context} | {c.tokens_per_s:.1f} |"
-                 f" {c.step_ms:.1f} | {c.speedup:.2f}x | {c.mean_accepted:.2f} |"
-                 f" {c.roofline_tokens_per_s:.1f} | {100 * c.roofline_fraction:.1f}% |")
+                 f" {c.step_ms:.1f} | {c.speedup:.2f}x | {fmt(c.predicted_speedup, '.2f')} |"
+                 f" {c.mean_accepted:.2f} | {fmt(c.acceptance_rate, '.2f')} |"
+                 f" {fmt(c.auto_gamma, 'd')} | {c.roofline_tokens_per_s:.1f} |"
+                 f" {100 * c.roofline_fraction:.1f}% |")
   return "\n".join(lines)
 
 
@@ -259,6 +318,8 @@ def main(argv):
           table, ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print(f"wrote {out} and {out.with_suffix('.md')}")
+    if plot_speedups(cells, out.with_suffix(".png")):
+      print(f"wrote {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
