@@ -136,9 +136,7 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
     raise ValueError(f"every context must exceed new_tokens={new_tokens}; got {contexts}.")
   max_prompt = max(contexts) - new_tokens
   texts = workloads.stdlib_prompts(model.tokenizer, distinct_rows, max_prompt + 1)
-  scratch = max(s.gamma for s in specs.values())
-  full_size = engine.plan_cache_size(cfg, [max_prompt], np.array([new_tokens]), None,
-                                     extra=scratch)
+  full_size = engine.plan_cache_size(cfg, [max_prompt], np.array([new_tokens]), None)
   memory.check_fits(cfg, max(batches), full_size, prefill_chunk)
   params = model.params if mesh is None else sharding.shard_params(model.params, cfg, mesh)
   cache = kv_cache.init_cache(cfg, distinct_rows, full_size)
@@ -153,8 +151,7 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
   for batch in batches:
     for context in sorted(contexts):
       prompt = context - new_tokens
-      size = engine.plan_cache_size(cfg, [prompt], np.array([new_tokens]), None,
-                                    extra=scratch)
+      size = engine.plan_cache_size(cfg, [prompt], np.array([new_tokens]), None)
       memory.check_fits(cfg, batch, size, 1)
       first = jnp.asarray([texts[b % distinct_rows][prompt] for b in range(batch)])
       baseline = None

@@ -387,7 +387,8 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
 
   Args:
     cache: prefilled cache; row b continues after its ``lengths[b]`` tokens. Donated.
-      It needs ``spec.gamma`` slots of scratch past each row's last token.
+      It needs room for ``max_new[b] - 1`` more tokens per row; speculation needs no
+      extra scratch.
     first: i32[B] each row's next token (sampled from the prefill logits, or taken
       from the text when benchmarking); it is the first output token.
     max_new: i32[B] tokens per row, ``first`` included.
@@ -483,8 +484,10 @@ def generate(model,
   ids = encode_prompts(prompts, cfg, tokenizer)
   B = len(ids)
   max_new = per_row(max_new_tokens, B, "max_new_tokens")
-  size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len,
-                         extra=spec.gamma)
+  # No scratch for drafts: a row that keeps generating after a round has committed
+  # fewer than prompt + max_new - 1 tokens, and commits past the buffer by a row that
+  # finishes in that round are dropped (commit scatters with mode="drop").
+  size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len)
   n_dev = 1 if mesh is None else mesh.size
   memory.check_fits(cfg, B, size, min(prefill_chunk, size), num_devices=n_dev)
   eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)

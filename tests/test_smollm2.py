@@ -46,7 +46,7 @@ def test_greedy_magicdec_equals_autoregressive_on_long_real_prompts(smollm2):
   prompts = [rows[0], rows[1][:2500], rows[2][:1200]]
   max_new = np.array([24, 24, 24], np.int32)
   gamma = 3
-  size = engine.plan_cache_size(cfg, [len(p) for p in prompts], max_new, None, extra=gamma)
+  size = engine.plan_cache_size(cfg, [len(p) for p in prompts], max_new, None)
   cache = kv_cache.init_cache(cfg, len(prompts), size)
   cache, last_logits, _ = engine.prefill(smollm2.params, cfg, cache, prompts)
   first = np.asarray(last_logits).argmax(-1)

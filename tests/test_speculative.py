@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import engine, sampling, verify
+from specjax import drafts, engine, sampling, verify
 from specjax.config import tiny_config
 from specjax.params import init_params
 
@@ -30,6 +30,40 @@ def test_greedy_magicdec_equals_autoregressive(tiny, gamma, sinks, window):
   assert sd.tokens == ar.tokens
   assert 1.0 <= sd.stats.tokens_per_round <= gamma + 1
   if window >= 512:  # the draft sees everything the target sees: every draft accepted
+    assert sd.stats.tokens_per_round > gamma
+
+
+@pytest.mark.parametrize("gamma, sinks, window, obs_window", [
+    (2, 1, 8, 3), (3, 2, 20, 6),
+    (4, 4, 96, 80),  # the recent part covers every row: the draft is the target
+])
+def test_greedy_snapkv_equals_autoregressive(tiny, gamma, sinks, window, obs_window):
+  budgets = [20, 13, 30]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="magicdec",
+                        draft_kv="snapkv", gamma=gamma, sinks=sinks, window=window,
+                        obs_window=obs_window)
+  assert sd.tokens == ar.tokens
+  assert 1.0 <= sd.stats.tokens_per_round <= gamma + 1
+  if obs_window >= 72:  # every prompt + its tokens fit the recent part: all accepted
+    assert sd.stats.tokens_per_round > gamma
+
+
+@pytest.mark.parametrize("layers, sinks, window", [
+    (1, 2, 8),  # a ring of 8 over 60+ positions: evicts many times
+    (2, 2, 8),
+    (2, 0, None),  # full draft cache; the 2-layer "draft" is the target itself
+])
+def test_greedy_draft_model_equals_autoregressive(tiny, layers, sinks, window):
+  budgets = [60, 45, 52]
+  gamma = 3
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="magicdec_draft",
+                        draft_model=drafts.truncated_draft(tiny, layers), gamma=gamma,
+                        sinks=sinks, window=window)
+  assert sd.tokens == ar.tokens
+  assert 1.0 <= sd.stats.tokens_per_round <= gamma + 1
+  if window is None:  # exact draft KV for every accepted token: every draft accepted
     assert sd.stats.tokens_per_round > gamma
 
 
@@ -103,6 +137,20 @@ def test_stochastic_magicdec_preserves_target_distribution(small_vocab, sp):
   assert chi2 < _chi2_critical(df), (chi2, df)
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "draft_ring", "draft_full"])
+def test_stochastic_new_drafts_preserve_target_distribution(small_vocab, policy):
+  kw = {"snapkv": dict(method="magicdec", draft_kv="snapkv", gamma=2, sinks=1, window=6,
+                       obs_window=2),
+        "draft_ring": dict(method="magicdec_draft", gamma=2, sinks=1, window=4,
+                           draft_model=drafts.truncated_draft(small_vocab, 1)),
+        "draft_full": dict(method="magicdec_draft", gamma=2, window=None,
+                           draft_model=drafts.truncated_draft(small_vocab, 1)),
+        }[policy]
+  sp = sampling.SamplingParams(temperature=1.0)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **kw)
+  assert chi2 < _chi2_critical(df), (chi2, df)
+
+
 _VERIFY_CHAIN = verify.verify_chain
 
 
@@ -119,3 +167,15 @@ def test_distribution_test_detects_broken_verification(small_vocab, monkeypatch)
   monkeypatch.setattr(engine, "_COMPILED", {})  # recompile with the broken rule
   chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **STOCHASTIC)
   assert chi2 > _chi2_critical(df), (chi2, df)
+
+
+def test_magicdec_fills_the_whole_context_without_scratch_slots():
+  """prompt + max_new == max_seq_len: drafts past the end are never committed."""
+  cfg = tiny_config(eos_ids=(), max_seq_len=256)
+  model = specjax.Model(config=cfg, params=init_params(cfg, jax.random.key(4)), tokenizer=None)
+  prompts = [list(range(3, 203)), list(range(7, 57))]
+  budgets = [56, 40]
+  ar = specjax.generate(model, prompts, max_new_tokens=budgets)
+  sd = specjax.generate(model, prompts, max_new_tokens=budgets, method="magicdec", gamma=5,
+                        sinks=2, window=16)
+  assert ar.stats.cache_size == 256 and sd.tokens == ar.tokens
