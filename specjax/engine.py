@@ -25,7 +25,7 @@ from specjax import sharding as sharding_lib
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache
 
-METHODS = ("autoregressive", "magicdec")
+METHODS = ("autoregressive", "magicdec", "magicdec_draft")
 DEFAULT_PREFILL_CHUNK = 512
 _CACHE_ALIGN = 128
 
@@ -286,11 +286,15 @@ def _emit(out, num, done, toks, count, max_new, eos):
   return out, num, done | hit | (num >= max_new)
 
 
-def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.SpecConfig, sp):
+def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.SpecConfig, sp,
+                draft_params, active):
   """Draft gamma tokens, verify gamma + 1 in one target forward, commit the accepted.
 
   Args:
     pending: i32[B] each row's last accepted token, not yet in the cache.
+    draft_params: the draft model's weights, or None for self-speculation.
+    active: bool[B] rows still generating; finished rows still run (static shapes)
+      but commit nothing, to the target cache or the draft state.
 
   Returns:
     (cache, draft_state, tokens i32[B, gamma + 1], count i32[B], next pending i32[B])
@@ -301,22 +305,23 @@ def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.Spec
   B, G = pending.shape[0], spec.gamma
   if G:
     drafted, q, draft_state = drafts.propose(params, cfg, cache, draft_state, pending,
-                                             key_draft, spec, sp)
+                                             key_draft, spec, sp, draft_params)
   else:
     drafted = jnp.zeros((B, 0), jnp.int32)
     q = jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)
   logits, new = model_lib.forward(params, cfg,
                                   jnp.concatenate([pending[:, None], drafted], 1), cache)
   n, nxt = verify.verify_chain(key_verify, drafted, q, sampling.probabilities(logits, sp))
-  cache = kv_cache.commit(cache, new, n + 1)  # the pending token + accepted drafts
+  keep = jnp.where(active, n + 1, 0)  # the pending token + accepted drafts
+  cache = kv_cache.commit(cache, new, keep)
   if G:
-    draft_state = drafts.after_verify(draft_state, spec, cache, n + 1)
+    draft_state = drafts.after_verify(draft_state, spec, cache, keep)
   i = jnp.arange(G + 1)[None, :]
   padded = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], 1)
   return cache, draft_state, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
 
 
-def _decode_loop(params, cache: KVCache, draft_state, first, key, max_new, *,
+def _decode_loop(params, cache: KVCache, draft_state, first, key, max_new, draft_params, *,
                  cfg: ModelConfig,
                  sp: sampling.SamplingParams, spec: drafts.SpecConfig,
                  eos_ids: tuple[int, ...], n_out: int):
@@ -326,6 +331,7 @@ def _decode_loop(params, cache: KVCache, draft_state, first, key, max_new, *,
   Args:
     first: i32[B] the token sampled from the prefill logits (not yet in the cache).
     max_new: i32[B] per-row token budget (the first token counts).
+    draft_params: a draft model's weights (``spec.draft_cfg``), or None.
     n_out: static width of the output buffer, max(max_new).
 
   Returns:
@@ -344,11 +350,9 @@ def _decode_loop(params, cache: KVCache, draft_state, first, key, max_new, *,
   def body(state):
     key, sub = jax.random.split(state["key"])
     active = ~state["done"]
-    # Finished rows still run (static shapes) but commit nothing: lengths stay put.
     cache, draft_state, toks, count, nxt = _spec_round(
-        params, cfg, state["cache"], state["draft"], state["pending"], sub, spec, sp)
-    cache = dataclasses.replace(
-        cache, lengths=jnp.where(active, cache.lengths, state["cache"].lengths))
+        params, cfg, state["cache"], state["draft"], state["pending"], sub, spec, sp,
+        draft_params, active)
     out, num, done = _emit(state["out"], state["num"], state["done"], toks, count, max_new,
                            eos)
     return dict(cache=cache, draft=draft_state, pending=nxt, out=out, num=num, done=done, key=key,
@@ -372,6 +376,7 @@ class DecodeResult:
   compile_s: float
   run_s: float
   cache: KVCache
+  draft_init_s: float = 0.0  # building the draft state (SnapKV scoring, draft prefill)
 
   @property
   def tokens_per_round(self) -> float:
@@ -382,7 +387,9 @@ class DecodeResult:
 def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
            max_new: np.ndarray, sp: sampling.SamplingParams = sampling.SamplingParams(),
            spec: drafts.SpecConfig = drafts.SpecConfig(), key: jax.Array | None = None,
-           eos_ids: tuple[int, ...] = (), mesh=None) -> DecodeResult:
+           eos_ids: tuple[int, ...] = (), mesh=None,
+           prompts: Sequence[Sequence[int]] | None = None,
+           draft_params=None) -> DecodeResult:
   """Continue every row of a prefilled cache, autoregressively or speculatively.
 
   Args:
@@ -394,43 +401,113 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     max_new: i32[B] tokens per row, ``first`` included.
     spec: speculation settings; ``gamma=0`` is autoregressive decoding.
     key: PRNG key for sampling.
+    prompts: the prompt ids that filled ``cache`` (row b: ``lengths[b]`` ids); needed
+      by SnapKV (its observation window) and draft models (their own prefill).
+    draft_params: the draft model's weights when ``spec.draft_cfg`` is set.
 
   Returns:
-    A DecodeResult; ``run_s`` excludes compilation.
+    A DecodeResult; ``run_s`` excludes compilation and building the draft state
+    (``draft_init_s``, prefill-time work).
   """
+  drafts.check(spec, cfg, draft_params)
   B = first.shape[0]
   n_out = int(max_new.max())
   fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, spec=spec, eos_ids=tuple(eos_ids),
                          n_out=n_out)
   key = jax.random.key(0) if key is None else key
-  draft_state = drafts.init_state(spec, cfg, cache) if spec.gamma else None
+  draft_state, init_compile_s, init_s = None, 0.0, 0.0
+  if spec.gamma:
+    draft_state, init_compile_s, init_s = _init_draft_state(
+        params, cfg, cache, spec, prompts, draft_params, mesh)
   args = (params, cache, draft_state, jnp.asarray(first, jnp.int32), key,
-          jnp.asarray(max_new))
+          jnp.asarray(max_new), draft_params)
   shardings = _step_shardings(cfg, mesh, B, cache.size, params)
   in_sh = out_sh = None
   if shardings is not None:
     p_sh, c_sh, row, rep = shardings
-    in_sh = (p_sh, c_sh, None if draft_state is None else rep, row, rep, row)
+    d_sh = None if spec.draft_cfg is None else sharding_lib.param_shardings(spec.draft_cfg,
+                                                                            mesh)
+    in_sh = (p_sh, c_sh, None if draft_state is None else rep, row, rep, row, d_sh)
     out_sh = (row, row, c_sh, rep, rep)
+    if draft_state is not None:
+      draft_state = jax.device_put(draft_state, rep)
+      args = args[:2] + (draft_state,) + args[3:]
   exe, compile_s = _compile(("decode", cfg, sp, spec, tuple(eos_ids), n_out, B, cache.size,
                              _mesh_key(mesh)), fn, args, in_sh, out_sh, donate_argnums=(1,))
   t0 = time.perf_counter()
   out, num, cache, rounds, row_rounds = exe(*args)
   out, num, rounds, row_rounds = jax.device_get((out, num, rounds, row_rounds))
   return DecodeResult(tokens=out, num=num, steps=int(rounds), row_rounds=int(row_rounds),
-                      compile_s=compile_s, run_s=time.perf_counter() - t0, cache=cache)
+                      compile_s=compile_s + init_compile_s,
+                      run_s=time.perf_counter() - t0, cache=cache, draft_init_s=init_s)
+
+
+def _init_draft_state(params, cfg: ModelConfig, cache: KVCache, spec: drafts.SpecConfig,
+                      prompts, draft_params, mesh):
+  """Build ``drafts.init_state`` (SnapKV scoring or a draft model's prefill).
+
+  Returns:
+    (state, compile seconds, run seconds).
+  """
+  if spec.draft_cfg is None and spec.draft_kv == "streaming":
+    return None, 0.0, 0.0
+  if prompts is None:
+    raise ValueError(f"this speculation setting (draft_kv={spec.draft_kv!r}, draft model:"
+                     f" {spec.draft_cfg is not None}) builds its draft from the prompts;"
+                     " pass prompts= to decode.")
+  prompts = [list(p) for p in prompts]
+  lens = np.array([len(p) for p in prompts])
+  if len(prompts) != cache.batch or not (lens == np.asarray(cache.lengths)).all():
+    raise ValueError(f"prompts (lengths {lens.tolist()}) do not match the cache (lengths"
+                     f" {np.asarray(cache.lengths).tolist()}).")
+  compile_s = 0.0
+  t0 = time.perf_counter()
+  draft_prefill = None
+  if spec.draft_cfg is not None:
+    dcfg = spec.draft_cfg
+    sh = None if mesh is None else sharding_lib.cache_shardings(dcfg, cache.batch,
+                                                                cache.size, mesh)
+    draft_prefill, _, compile_s = prefill(
+        draft_params, dcfg, kv_cache.init_cache(dcfg, cache.batch, cache.size, sh), prompts,
+        mesh=mesh)
+  tail, tail_n = drafts.prompt_tails(prompts, spec.prompt_tail, cfg.pad_id)
+  args = (params, cache, jnp.asarray(tail), jnp.asarray(tail_n), draft_prefill)
+  exe, seconds = _compile(("draft_init", cfg, spec, cache.batch, cache.size, _mesh_key(mesh)),
+                          lambda p, c, t, n, d: drafts.init_state(spec, p, cfg, c, t, n, d),
+                          args, None, None)
+  state = exe(*args)
+  jax.block_until_ready(state)
+  compile_s += seconds
+  return state, compile_s, time.perf_counter() - t0 - compile_s
 
 
 def spec_config(method: str, *, gamma: int = 4, draft_kv: str = "streaming",
-                sinks: int = 16, window: int = 512) -> drafts.SpecConfig:
-  """The speculation settings of a named method."""
+                sinks: int = 16, window: int | None = 512, obs_window: int = 32,
+                draft_cfg: ModelConfig | None = None) -> drafts.SpecConfig:
+  """The speculation settings of a named method.
+
+  Raises:
+    ValueError: an unknown method, gamma < 1 for a speculative method, a draft model
+      for a self-speculative method or none for "magicdec_draft", and the budget checks
+      of ``drafts.SpecConfig``.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
   if method == "autoregressive":
     return drafts.SpecConfig(gamma=0)
+  if gamma < 1:
+    raise ValueError(f"method={method!r} needs gamma >= 1; got {gamma}.")
   if method == "magicdec":
-    if gamma < 1:
-      raise ValueError(f"method='magicdec' needs gamma >= 1; got {gamma}.")
-    return drafts.SpecConfig(gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window)
-  raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
+    if draft_cfg is not None:
+      raise ValueError("method='magicdec' drafts with the target itself; pass the draft"
+                       " model with method='magicdec_draft'.")
+    return drafts.SpecConfig(gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window,
+                             obs_window=obs_window)
+  if draft_cfg is None:
+    raise ValueError("method='magicdec_draft' needs a draft model (draft_model=...; e.g."
+                     " specjax.drafts.truncated_draft(model, num_layers)).")
+  return drafts.SpecConfig(gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window,
+                           obs_window=obs_window, draft_cfg=draft_cfg)
 
 
 # ----------------------------------------------------------------------------------
@@ -452,7 +529,9 @@ def generate(model,
              gamma: int = 4,
              draft_kv: str = "streaming",
              sinks: int = 16,
-             window: int = 512,
+             window: int | None = 512,
+             obs_window: int = 32,
+             draft_model=None,
              mesh=None) -> GenerateOutput:
   """Generate continuations for a batch of prompts.
 
@@ -469,16 +548,30 @@ def generate(model,
       tokens raises ValueError instead of being truncated.
     prefill_chunk: tokens per prefill step.
     gamma: drafted tokens per round (speculative methods).
-    draft_kv: the self-speculation draft's view of the prefix ("streaming").
+    draft_kv: the self-speculation draft's view of the prefix: "streaming" (sinks +
+      recent window) or "snapkv" (positions selected at prefill + recent window).
     sinks, window: the draft's prefix budget: ``window`` positions in all, the first
-      ``sinks`` of the sequence plus the most recent ``window - sinks``.
+      ``sinks`` of the sequence plus the most recent ``window - sinks`` (streaming and
+      draft models), or ``window - obs_window`` selected (sinks included) plus the
+      ``obs_window`` most recent (snapkv). ``window=None`` gives a draft model a full
+      cache (plain speculative decoding).
+    obs_window: SnapKV's observation window (the last prompt tokens whose attention
+      scores the prefix).
+    draft_model: the draft for ``method="magicdec_draft"``: a ``specjax.Model`` with
+      the target's vocabulary (e.g. ``specjax.drafts.truncated_draft(model, k)``).
     mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
 
   Returns:
     GenerateOutput with per-row generated ids, decoded texts and timings.
   """
-  spec = spec_config(method, gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window)
+  if draft_model is not None and method != "magicdec_draft":
+    raise ValueError(f"draft_model is only used by method='magicdec_draft'; got"
+                     f" method={method!r}.")
+  spec = spec_config(method, gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window,
+                     obs_window=obs_window,
+                     draft_cfg=None if draft_model is None else draft_model.config)
   cfg: ModelConfig = model.config
+  drafts.check(spec, cfg, None if draft_model is None else draft_model.params)
   sp = sampling.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
   tokenizer = getattr(model, "tokenizer", None)
   ids = encode_prompts(prompts, cfg, tokenizer)
@@ -490,6 +583,12 @@ def generate(model,
   size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len)
   n_dev = 1 if mesh is None else mesh.size
   memory.check_fits(cfg, B, size, min(prefill_chunk, size), num_devices=n_dev)
+  draft_params = None
+  if draft_model is not None:  # its prefill cache is full-size before the ring is cut
+    memory.check_fits(draft_model.config, B, size, min(prefill_chunk, size),
+                      num_devices=n_dev)
+    draft_params = draft_model.params if mesh is None else sharding_lib.shard_params(
+        draft_model.params, draft_model.config, mesh)
   eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
 
   params, cache = _place(model, B, size, mesh)
@@ -502,7 +601,7 @@ def generate(model,
   key_first, key_decode = jax.random.split(jax.random.key(seed))
   first = sampling.sample(key_first, first_logits, sp)
   res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
-               key=key_decode, eos_ids=eos, mesh=mesh)
+               key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids, draft_params=draft_params)
   out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None
@@ -510,7 +609,8 @@ def generate(model,
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
   stats = GenerateStats(batch=B, prompt_tokens=int(sum(len(p) for p in ids)),
                         new_tokens=int(num.sum()), cache_size=size,
-                        compile_s=compile_prefill + res.compile_s, prefill_s=prefill_s,
+                        compile_s=compile_prefill + res.compile_s,
+                        prefill_s=prefill_s + res.draft_init_s,
                         decode_s=res.run_s, decode_steps=res.steps,
                         tokens_per_round=res.tokens_per_round)
   return GenerateOutput(tokens=tokens, texts=texts, stats=stats)

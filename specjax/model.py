@@ -9,7 +9,9 @@ SwiGLU MLP -> residual, a final RMSNorm and a (possibly tied) output projection.
 the logits and the new tokens' keys/values; :func:`specjax.kv_cache.commit` then
 writes the ones to keep. The same call serves prefill chunks (causal mask), decode
 (T = 1), chain verification (causal) and tree verification (ancestor mask, offsets =
-node depths), and sparse-KV drafts (``window``).
+node depths), and sparse-KV drafts (``window``; SnapKV's per-layer ``prefix_idx``;
+``slot_pos`` for a draft model's ring cache). :func:`prefix_scores` runs the same
+layers and also returns the attention each layer paid to the prefix (SnapKV scoring).
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ def apply_rope(x: jax.Array,  # [B, T, N, D]
 
 
 def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, pending_k, pending_v,
-           lengths, positions, new_mask, window):
-  """One decoder block. x: [B, T, E]; returns (x, (k_new, v_new)) with k_new [B, T, K, D].
+           prefix_idx, lengths, positions, new_mask, view: dict):
+  """One decoder block. x: [B, T, E]; returns (x, (k_new, v_new, scores)).
 
-  pending_k/v: [B, P, K, D] keys/values of uncommitted earlier tokens (or None); the
-  new tokens see them through the first P columns of ``new_mask``.
+  k_new: [B, T, K, D]; scores: f32[B, K, S] prefix attention scores when
+  ``view["score_queries"]`` is set, else None. pending_k/v: [B, P, K, D] keys/values
+  of uncommitted earlier tokens (or None); the new tokens see them through the first P
+  columns of ``new_mask``. prefix_idx: this layer's kept positions [B, K, n] or None.
   """
   dt = cfg.dtype
   inv_freq = rope_frequencies(cfg)
@@ -83,13 +87,16 @@ def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, pending_k,
     k_seen = jnp.concatenate([pending_k.astype(k.dtype), k], axis=1)
     v_seen = jnp.concatenate([pending_v.astype(v.dtype), v], axis=1)
   o = attention_lib.attention(q, k_seen, v_seen, k_cache, v_cache, lengths, new_mask,
-                              window=window)
+                              prefix_idx=prefix_idx, **view)
+  scores = None
+  if view.get("score_queries") is not None:
+    o, scores = o
   x = x + jnp.einsum("bthd,hde->bte", o, layer.wo.astype(dt))
   h = rms_norm(x, layer.mlp_norm, cfg.rms_eps)
   gate = jnp.einsum("bte,ef->btf", h, layer.w_gate.astype(dt))
   up = jnp.einsum("bte,ef->btf", h, layer.w_up.astype(dt))
   x = x + jnp.einsum("btf,fe->bte", jax.nn.silu(gate) * up, layer.w_down.astype(dt))
-  return x, (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+  return x, (k.astype(k_cache.dtype), v.astype(v_cache.dtype), scores)
 
 
 def output_logits(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
@@ -110,6 +117,8 @@ def forward(params: Params,
             offsets: jax.Array | None = None,  # i32[T] or i32[B, T]
             new_mask: jax.Array | None = None,  # bool[T, T] or bool[B, T, T]
             window: attention_lib.Window | None = None,
+            prefix_idx: jax.Array | None = None,  # i32[L, B, K, n]
+            slot_pos: jax.Array | None = None,  # i32[B, S]
             logits_at: jax.Array | None = None,  # i32[B, N]
             pending: NewKV | None = None,  # [L, B, P, K, D]
             ) -> tuple[jax.Array, NewKV]:
@@ -125,6 +134,10 @@ def forward(params: Params,
     new_mask: which new tokens each new token attends to (default causal); with
       ``pending``, bool[T, P + T] whose first P columns are the pending tokens.
     window: restrict the prefix to sinks + recent positions (sparse-KV drafts).
+    prefix_idx: per layer and KV head, the prefix positions a SnapKV draft keeps
+      (-1 = unused); they replace the window's sinks (see ``attention.prefix_keys``).
+    slot_pos: the absolute position held by each cache slot, for ring caches whose
+      slots are reused (``kv_cache.RingCache``); None when slot s holds position s.
     logits_at: compute logits only at these new-token indices (e.g. each row's last
       prompt token during prefill); None computes all T.
     pending: keys/values of P earlier tokens that are not committed to the cache (a
@@ -133,6 +146,37 @@ def forward(params: Params,
   Returns:
     logits: f32[B, T or N, V]; new_kv: the keys/values of the T new tokens.
   """
+  x, new, _ = _layers(params, cfg, tokens, cache, offsets=offsets, new_mask=new_mask,
+                      pending=pending, prefix_idx=prefix_idx,
+                      view=dict(window=window, slot_pos=slot_pos))
+  if logits_at is not None:
+    x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+  return output_logits(cfg, params, x), new
+
+
+def prefix_scores(params: Params,
+                  cfg: ModelConfig,
+                  tokens: jax.Array,  # i32[B, T]
+                  cache: KVCache,
+                  query_valid: jax.Array,  # bool[B, T]
+                  ) -> jax.Array:  # f32[L, B, K, S]
+  """How much the T new tokens attend to each cached slot, per layer and KV head.
+
+  The same layers as :func:`forward` (causal over the new tokens, full prefix
+  ``[0, lengths[b])``), additionally returning each layer's softmax probabilities on
+  the prefix slots, summed over the valid queries and the query heads of each KV head.
+  SnapKV's observation window is such a forward over a prompt's last tokens.
+  """
+  _, _, scores = _layers(params, cfg, tokens, cache, offsets=None, new_mask=None,
+                         pending=None, prefix_idx=None,
+                         view=dict(window=None, slot_pos=None, score_queries=query_valid))
+  return scores
+
+
+def _layers(params: Params, cfg: ModelConfig, tokens, cache: KVCache, *, offsets, new_mask,
+            pending, prefix_idx, view: dict):
+  """Embedding + every decoder block (one lax.scan); returns (x [B, T, E], NewKV,
+  per-layer scores or None)."""
   B, T = tokens.shape
   if offsets is None:
     offsets = jnp.arange(T, dtype=jnp.int32)
@@ -143,12 +187,11 @@ def forward(params: Params,
   x = jnp.take(params.embedding, tokens, axis=0).astype(cfg.dtype)  # [B, T, E]
 
   def step(x, per_layer):
-    layer, k_cache, v_cache, pending_k, pending_v = per_layer
-    return _block(cfg, x, layer, k_cache, v_cache, pending_k, pending_v, cache.lengths,
-                  positions, new_mask, window)
+    layer, k_cache, v_cache, pending_k, pending_v, idx = per_layer
+    return _block(cfg, x, layer, k_cache, v_cache, pending_k, pending_v, idx,
+                  cache.lengths, positions, new_mask, view)
 
   pk, pv = (None, None) if pending is None else (pending.k, pending.v)
-  x, (k_new, v_new) = jax.lax.scan(step, x, (params.layers, cache.k, cache.v, pk, pv))
-  if logits_at is not None:
-    x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-  return output_logits(cfg, params, x), NewKV(k=k_new, v=v_new)
+  x, (k_new, v_new, scores) = jax.lax.scan(
+      step, x, (params.layers, cache.k, cache.v, pk, pv, prefix_idx))
+  return x, NewKV(k=k_new, v=v_new), scores
