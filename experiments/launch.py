@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bandwidth, workloads
-from specjax import cost_model, engine, kv_cache, loading, memory, sampling, sharding
+from specjax import cost_model, drafts, engine, kv_cache, loading, memory, sampling, sharding
 from specjax.params import param_bytes
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m",
@@ -50,7 +50,11 @@ _GAMMA = flags.DEFINE_list("gamma", ["4"], "Draft lengths to compare (speculativ
 _DRAFT_KV = flags.DEFINE_list("draft_kv", ["streaming"],
                               "Self-speculation draft KV policies (magicdec).")
 _SINKS = flags.DEFINE_integer("sinks", 16, "Draft sink positions.")
-_WINDOW = flags.DEFINE_integer("window", 512, "Draft prefix budget (sinks included).")
+_WINDOW = flags.DEFINE_integer("window", 512, "Draft prefix budget (sinks included); 0 ="
+                                " a full draft cache (magicdec_draft only).")
+_DRAFT_LAYERS = flags.DEFINE_integer("draft_layers", 4,
+                                     "magicdec_draft: the draft is the target's first N"
+                                     " layers + its head (drafts.truncated_draft).")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 _CONTEXT = flags.DEFINE_list("context", ["1024", "4096", "8192"],
                              "Context lengths: tokens per row at the end of decoding"
@@ -124,12 +128,13 @@ def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
 
 
 def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mesh,
-             bw_gbps, repeats, prefill_chunk) -> list[Cell]:
+             bw_gbps, repeats, prefill_chunk, draft=None) -> list[Cell]:
   """Measure every (batch, context, method) cell.
 
   Args:
     specs: label -> SpecConfig; "autoregressive" (gamma 0) must come first, it is the
       baseline each cell's speedup is measured against.
+    draft: the draft model of the specs with a ``draft_cfg``, or None.
   """
   cfg = model.config
   if min(contexts) <= new_tokens:
@@ -139,6 +144,10 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
   full_size = engine.plan_cache_size(cfg, [max_prompt], np.array([new_tokens]), None)
   memory.check_fits(cfg, max(batches), full_size, prefill_chunk)
   params = model.params if mesh is None else sharding.shard_params(model.params, cfg, mesh)
+  draft_params = None
+  if draft is not None:
+    draft_params = draft.params if mesh is None else sharding.shard_params(
+        draft.params, draft.config, mesh)
   cache = kv_cache.init_cache(cfg, distinct_rows, full_size)
   t0 = time.perf_counter()
   cache, _, compile_s = engine.prefill(params, cfg, cache, [t[:max_prompt] for t in texts],
@@ -154,6 +163,7 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
       size = engine.plan_cache_size(cfg, [prompt], np.array([new_tokens]), None)
       memory.check_fits(cfg, batch, size, 1)
       first = jnp.asarray([texts[b % distinct_rows][prompt] for b in range(batch)])
+      prompts = [texts[b % distinct_rows][:prompt] for b in range(batch)]  # SnapKV, drafts
       baseline = None
       for method in specs:
         best = None
@@ -165,7 +175,9 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
             res = engine.decode(params, cfg, view, first,
                                 max_new=np.full((batch,), new_tokens, np.int32), sp=sp,
                                 spec=specs[method], key=jax.random.key(_SEED.value),
-                                mesh=mesh)
+                                mesh=mesh, prompts=prompts,
+                                draft_params=draft_params if specs[method].draft_cfg
+                                else None)
           del view, res.cache
           if best is None or res.run_s < best.run_s:
             best = res
@@ -197,7 +209,7 @@ def _predict(params, cfg, batch, context, specs, cells):
   by_policy: dict[str, list[Cell]] = {}
   for cell in cells:
     spec = specs[cell.method]
-    if spec.gamma and spec.draft_kv == "streaming":
+    if spec.gamma and spec.draft_cfg is None and spec.draft_kv == "streaming":
       by_policy.setdefault(spec.draft_kv, []).append(cell)
   for policy, group in by_policy.items():
     gammas = [specs[c.method].gamma for c in group]
@@ -265,7 +277,7 @@ def main(argv):
   for m in _METHODS.value:
     if m not in engine.METHODS:
       raise app.UsageError(f"--method={m}; available: {', '.join(engine.METHODS)}")
-    if m == "autoregressive":
+    if m in ("autoregressive", "magicdec_draft"):  # the draft needs the loaded model
       continue
     for kv in _DRAFT_KV.value:
       for g in _GAMMA.value:
@@ -281,13 +293,20 @@ def main(argv):
   t0 = time.perf_counter()
   model = loading.load_model(_MODEL.value, param_dtype=dtype, compute_dtype=dtype)
   print(f"loaded {model.config.name} ({dtype}) in {time.perf_counter() - t0:.1f}s")
+  draft = None
+  if "magicdec_draft" in _METHODS.value:
+    draft = drafts.truncated_draft(model, _DRAFT_LAYERS.value)
+    for g in _GAMMA.value:
+      specs[f"magicdec_draft/L{_DRAFT_LAYERS.value}/g{g}"] = engine.spec_config(
+          "magicdec_draft", gamma=int(g), sinks=_SINKS.value,
+          window=_WINDOW.value or None, draft_cfg=draft.config)
 
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
   try:
     cells = run_grid(model, batches, contexts, specs, _NEW.value, sp,
                      _DISTINCT.value, mesh, bw["roofline_gbps"], _REPEATS.value,
-                     _CHUNK.value)
+                     _CHUNK.value, draft=draft)
   finally:
     if _PROFILE.value:
       jax.profiler.stop_trace()

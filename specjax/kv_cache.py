@@ -9,6 +9,9 @@ write path serves prefill (keep every valid token), decode (keep one), and specu
 drafts never touch the cache and no rollback is needed).
 
 Ragged batches live in ``lengths[B]`` and never in shapes.
+
+A draft model's own cache is a :class:`RingCache`: sinks + a sliding window of fixed
+size whose slots are reused, each slot recording the absolute position it holds.
 """
 
 from __future__ import annotations
