@@ -175,15 +175,19 @@ def test_snapkv_scores_match_numpy_first_layer(tiny):
   scores = np.asarray(model_lib.prefix_scores(
       tiny.params, cfg, jnp.asarray(tail), view, jnp.arange(W)[None] < jnp.asarray(n)[:, None]))
   p = {k: np.asarray(v, np.float64)[0] for k, v in vars(tiny.params.layers).items()}
-  inv_freq = numpy_reference._inv_freq(cfg)  # pylint: disable=protected-access
+  # The float64 reference's own pieces (it shares no code with specjax).
+  # pylint: disable=protected-access
+  rms_norm, rope = numpy_reference._rms_norm, numpy_reference._rope
+  inv_freq = numpy_reference._inv_freq(cfg)
+  # pylint: enable=protected-access
   G = cfg.num_heads // cfg.num_kv_heads
   for b, prompt in enumerate(prompts):
     T = len(prompt)
-    h = numpy_reference._rms_norm(  # pylint: disable=protected-access
-        np.asarray(tiny.params.embedding, np.float64)[prompt], p["attn_norm"], cfg.rms_eps)
+    h = rms_norm(np.asarray(tiny.params.embedding, np.float64)[prompt], p["attn_norm"],
+                 cfg.rms_eps)
     pos = np.arange(T, dtype=np.float64)
-    q = numpy_reference._rope(np.einsum("te,ehd->thd", h, p["wq"]), pos, inv_freq)  # pylint: disable=protected-access
-    k = numpy_reference._rope(np.einsum("te,ekd->tkd", h, p["wk"]), pos, inv_freq)  # pylint: disable=protected-access
+    q = rope(np.einsum("te,ehd->thd", h, p["wq"]), pos, inv_freq)
+    k = rope(np.einsum("te,ekd->tkd", h, p["wk"]), pos, inv_freq)
     start = T - n[b]
     ref = np.zeros((cfg.num_kv_heads, T))
     for head in range(cfg.num_heads):
