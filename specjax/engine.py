@@ -199,6 +199,11 @@ def _kv_limit(prefix: int, chunk: int, size: int) -> int:
   return min(limit, size)
 
 
+def prefill_chunk_size(chunk: int, longest_prompt: int) -> int:
+  """The chunk prefill really uses: no longer than the longest prompt (rounded to 8)."""
+  return min(chunk, -(-longest_prompt // 8) * 8)
+
+
 def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], *,
             chunk: int = DEFAULT_PREFILL_CHUNK, mesh=None, all_logits: bool = False):
   """Prefill a ragged batch of prompts into an empty cache, chunk by chunk.
@@ -209,7 +214,7 @@ def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], 
   """
   B = len(prompts)
   lens = np.array([len(p) for p in prompts], np.int32)
-  chunk = min(chunk, -(-int(lens.max()) // 8) * 8)
+  chunk = prefill_chunk_size(chunk, int(lens.max()))
   n_chunks = -(-int(lens.max()) // chunk)
   padded = np.full((B, n_chunks * chunk), cfg.pad_id, np.int32)
   for b, p in enumerate(prompts):
@@ -582,10 +587,11 @@ def generate(model,
   # finishes in that round are dropped (commit scatters with mode="drop").
   size = plan_cache_size(cfg, [len(p) for p in ids], max_new, max_cache_len)
   n_dev = 1 if mesh is None else mesh.size
-  memory.check_fits(cfg, B, size, min(prefill_chunk, size), num_devices=n_dev)
+  chunk = prefill_chunk_size(prefill_chunk, max(len(p) for p in ids))
+  memory.check_fits(cfg, B, size, chunk, num_devices=n_dev)
   draft_params = None
   if draft_model is not None:  # its prefill cache is full-size before the ring is cut
-    memory.check_fits(draft_model.config, B, size, min(prefill_chunk, size),
+    memory.check_fits(draft_model.config, B, size, chunk,
                       num_devices=n_dev)
     draft_params = draft_model.params if mesh is None else sharding_lib.shard_params(
         draft_model.params, draft_model.config, mesh)
