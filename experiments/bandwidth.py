@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 
-
-def _best_seconds(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
+from specjax.cost_model import best_time
 
 
 def measure(size_mib: int = 512, repeats: int = 7) -> dict[str, float]:
@@ -31,7 +21,7 @@ def measure(size_mib: int = 512, repeats: int = 7) -> dict[str, float]:
   """
   n = size_mib * 2**20 // 4
   x = jnp.ones((n,), jnp.float32)
-  read = x.nbytes / _best_seconds(jax.jit(jnp.sum), x, repeats=repeats) / 1e9
-  copy = 2 * x.nbytes / _best_seconds(jax.jit(lambda a: a * 2), x, repeats=repeats) / 1e9
+  read = x.nbytes / best_time(jax.jit(jnp.sum), x, repeats=repeats) / 1e9
+  copy = 2 * x.nbytes / best_time(jax.jit(lambda a: a * 2), x, repeats=repeats) / 1e9
   del x
   return {"read_gbps": read, "copy_gbps": copy, "roofline_gbps": max(read, copy)}

@@ -63,7 +63,9 @@ class Timings:
     return expected_tokens(alpha, gamma) * self.target[1] / self.round_time(gamma)
 
 
-def _time(fn, *args, repeats: int) -> float:
+def best_time(fn, *args, repeats: int) -> float:
+  """Seconds of the fastest of ``repeats`` calls of ``fn(*args)``, after a warm-up call
+  (compilation and first-touch allocation excluded)."""
   jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(repeats):
@@ -93,7 +95,7 @@ def calibrate(params, cfg: ModelConfig, batch: int, context: int, gammas, spec_t
   timings = Timings(batch=batch, context=context, target={}, draft={})
   for t in sorted({1} | {g + 1 for g in gammas}):
     tokens = jnp.zeros((batch, t), jnp.int32)
-    timings.target[t] = _time(target, params, cache, tokens, repeats=repeats)
+    timings.target[t] = best_time(target, params, cache, tokens, repeats=repeats)
   for g in gammas:
     spec = dataclasses.replace(spec_template, gamma=g)
     pshape = (cfg.num_layers, batch, g, cfg.num_kv_heads, cfg.head_dim)
@@ -106,7 +108,7 @@ def calibrate(params, cfg: ModelConfig, batch: int, context: int, gammas, spec_t
                                offsets=jnp.zeros((1,), jnp.int32), new_mask=mask,
                                window=spec.prefix_window, pending=pending)[0]
 
-    timings.draft[g] = _time(draft_step, params, cache, pending, repeats=repeats)
+    timings.draft[g] = best_time(draft_step, params, cache, pending, repeats=repeats)
   return timings
 
 
