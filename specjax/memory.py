@@ -55,7 +55,7 @@ def activation_bytes(cfg: ModelConfig, batch: int, tokens: int, cache_size: int,
 
 
 def check_fits(cfg: ModelConfig, batch: int, cache_size: int, tokens_per_step: int,
-               num_devices: int = 1, params_resident: bool = True) -> int:
+               num_devices: int = 1) -> int:
   """Estimate the bytes a generation needs and raise ValueError if they do not fit.
 
   Args:
@@ -63,7 +63,6 @@ def check_fits(cfg: ModelConfig, batch: int, cache_size: int, tokens_per_step: i
     tokens_per_step: the largest forward (the prefill chunk).
     num_devices: devices the cache and weights are spread over (an even split is
       assumed, which is optimistic for replicated axes).
-    params_resident: the weights are already in memory (not counted as new).
 
   Returns:
     The estimated bytes.
@@ -83,5 +82,4 @@ def check_fits(cfg: ModelConfig, batch: int, cache_size: int, tokens_per_step: i
         f" but only {free / 2**30:.2f} GiB is free. Use a smaller batch, a shorter"
         f" context or max_new_tokens, compute_dtype='bfloat16', a smaller prefill chunk,"
         f" or more devices.")
-  del params_resident
   return total
