@@ -46,7 +46,10 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m",
 _METHODS = flags.DEFINE_list("method", ["autoregressive"],
                              f"Decoding methods to compare; one of {engine.METHODS}."
                              " Autoregressive is always measured first as the baseline.")
-_GAMMA = flags.DEFINE_list("gamma", ["4"], "Draft lengths to compare (speculative methods).")
+_GAMMA = flags.DEFINE_list("gamma", ["4"],
+                           "Draft lengths to compare (speculative methods); 'auto' = the"
+                           " engine's cost-model choice per context bucket among"
+                           f" {engine.AUTO_GAMMAS}.")
 _DRAFT_KV = flags.DEFINE_list("draft_kv", ["streaming"],
                               "Self-speculation draft KV policies (magicdec).")
 _SINKS = flags.DEFINE_integer("sinks", 16, "Draft sink positions.")
@@ -96,6 +99,7 @@ class Cell:
   acceptance_rate: float | None = None  # per-token alpha inverted from mean_accepted
   predicted_speedup: float | None = None  # cost model, calibrated in the same run
   auto_gamma: int | None = None  # the cost model's choice for this (batch, context)
+  segments: list | None = None  # (kv_limit, gamma, rounds) per decode loop (gamma=auto)
 
 
 def machine_description() -> dict[str, str]:
@@ -128,13 +132,14 @@ def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
 
 
 def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mesh,
-             bw_gbps, repeats, prefill_chunk, draft=None) -> list[Cell]:
+             bw_gbps, repeats, prefill_chunk, draft=None, auto=()) -> list[Cell]:
   """Measure every (batch, context, method) cell.
 
   Args:
     specs: label -> SpecConfig; "autoregressive" (gamma 0) must come first, it is the
       baseline each cell's speedup is measured against.
     draft: the draft model of the specs with a ``draft_cfg``, or None.
+    auto: labels decoded with ``gamma="auto"`` (their spec is the draft template).
   """
   cfg = model.config
   if min(contexts) <= new_tokens:
@@ -177,7 +182,8 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                                 spec=specs[method], key=jax.random.key(_SEED.value),
                                 mesh=mesh, prompts=prompts,
                                 draft_params=draft_params if specs[method].draft_cfg
-                                else None)
+                                else None,
+                                auto_gammas=engine.AUTO_GAMMAS if method in auto else None)
           del view, res.cache
           if best is None or res.run_s < best.run_s:
             best = res
@@ -191,41 +197,53 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                     bytes_per_step=nbytes, roofline_tokens_per_s=roof,
                     roofline_fraction=tps / roof,
                     mean_accepted=best.tokens_per_round)
+        if method in auto:
+          cell.segments = best.segments
+          cell.auto_gamma = _most_used_gamma(best.segments)
         if method == "autoregressive":
           baseline = tps
         cell.speedup = tps / baseline
         cells.append(cell)
         logging.info("%s", cell)
-      _predict(params, cfg, batch, context, specs, cells[-len(specs):])
+      _predict(params, cfg, batch, context, specs, cells[-len(specs):], auto, draft_params)
   return cells
 
 
-def _predict(params, cfg, batch, context, specs, cells):
+def _most_used_gamma(segments) -> int:
+  rounds: dict[int, int] = {}
+  for _, g, r in segments:
+    rounds[g] = rounds.get(g, 0) + r
+  return max(rounds, key=rounds.get)
+
+
+def _predict(params, cfg, batch, context, specs, cells, auto, draft_params):
   """Calibrate the cost model for this bucket; fill predicted speedups and the auto pick.
 
   alpha comes from the smallest-gamma run of each draft policy (acceptance per token
   barely depends on gamma); the auto pick is the gamma the model predicts fastest.
   """
-  by_policy: dict[str, list[Cell]] = {}
+  by_policy: dict[tuple, list[Cell]] = {}
   for cell in cells:
     spec = specs[cell.method]
-    if spec.gamma and spec.draft_cfg is None and spec.draft_kv == "streaming":
-      by_policy.setdefault(spec.draft_kv, []).append(cell)
+    if spec.gamma and cell.method not in auto:
+      by_policy.setdefault((spec.draft_kv, spec.draft_cfg), []).append(cell)
+  size = engine.plan_cache_size(cfg, [context - cells[0].new_tokens],
+                                np.array([cells[0].new_tokens]), None)
   for policy, group in by_policy.items():
     gammas = [specs[c.method].gamma for c in group]
-    timings = cost_model.calibrate(params, cfg, batch, context, gammas,
-                                   specs[group[0].method])
+    timings = cost_model.calibrate(params, cfg, batch, size, gammas, specs[group[0].method],
+                                   draft_params=draft_params if policy[1] else None)
     probe = min(group, key=lambda c: specs[c.method].gamma)
     alpha = cost_model.acceptance_from_tokens(probe.mean_accepted,
                                               specs[probe.method].gamma)
-    auto = cost_model.choose_gamma(timings, alpha, gammas)
+    auto_g = cost_model.choose_gamma(timings, alpha, [0] + gammas)
     for cell in group:
       g = specs[cell.method].gamma
       cell.acceptance_rate = cost_model.acceptance_from_tokens(cell.mean_accepted, g)
       cell.predicted_speedup = timings.predicted_speedup(alpha, g)
-      cell.auto_gamma = auto
+      cell.auto_gamma = auto_g
     logging.info("cost model b=%d s=%d %s: alpha=%.3f timings=%s -> gamma %d", batch,
-                 context, policy, alpha, timings, auto)
+                 context, policy[0], alpha, timings, auto_g)
 
 
 def plot_speedups(cells: list[Cell], path: pathlib.Path) -> bool:
@@ -274,16 +292,25 @@ def main(argv):
   batches = [int(b) for b in _BATCH.value]
   contexts = [int(c) for c in _CONTEXT.value]
   specs = {"autoregressive": engine.spec_config("autoregressive")}
+  auto = set()
+  gammas = []
+  for g in _GAMMA.value:
+    if g != "auto" and not (g.isdigit() and int(g) >= 1):
+      raise app.UsageError(f"--gamma={g}: pass integers >= 1 or 'auto'.")
+    gammas.append(g)
+  gamma_of = lambda g: max(engine.AUTO_GAMMAS) if g == "auto" else int(g)
   for m in _METHODS.value:
     if m not in engine.METHODS:
       raise app.UsageError(f"--method={m}; available: {', '.join(engine.METHODS)}")
     if m in ("autoregressive", "magicdec_draft"):  # the draft needs the loaded model
       continue
     for kv in _DRAFT_KV.value:
-      for g in _GAMMA.value:
-        specs[f"{m}/{kv}/g{g}"] = engine.spec_config(m, gamma=int(g), draft_kv=kv,
+      for g in gammas:
+        specs[f"{m}/{kv}/g{g}"] = engine.spec_config(m, gamma=gamma_of(g), draft_kv=kv,
                                                       sinks=_SINKS.value,
                                                       window=_WINDOW.value)
+        if g == "auto":
+          auto.add(f"{m}/{kv}/g{g}")
   mesh = sharding.make_mesh(*[int(x) for x in _MESH.value]) if _MESH.value else None
   sp = sampling.SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
 
@@ -296,17 +323,20 @@ def main(argv):
   draft = None
   if "magicdec_draft" in _METHODS.value:
     draft = drafts.truncated_draft(model, _DRAFT_LAYERS.value)
-    for g in _GAMMA.value:
-      specs[f"magicdec_draft/L{_DRAFT_LAYERS.value}/g{g}"] = engine.spec_config(
-          "magicdec_draft", gamma=int(g), sinks=_SINKS.value,
+    for g in gammas:
+      label = f"magicdec_draft/L{_DRAFT_LAYERS.value}/g{g}"
+      specs[label] = engine.spec_config(
+          "magicdec_draft", gamma=gamma_of(g), sinks=_SINKS.value,
           window=_WINDOW.value or None, draft_cfg=draft.config)
+      if g == "auto":
+        auto.add(label)
 
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
   try:
     cells = run_grid(model, batches, contexts, specs, _NEW.value, sp,
                      _DISTINCT.value, mesh, bw["roofline_gbps"], _REPEATS.value,
-                     _CHUNK.value, draft=draft)
+                     _CHUNK.value, draft=draft, auto=auto)
   finally:
     if _PROFILE.value:
       jax.profiler.stop_trace()

@@ -299,6 +299,20 @@ def _draft_model_state(spec: SpecConfig, prefill: KVCache, lengths: jax.Array,
       round_tokens=jnp.zeros((B, G + 1), jnp.int32))
 
 
+def for_gamma(state, spec: SpecConfig):
+  """The draft state for rounds of ``spec.gamma`` drafts (``gamma="auto"`` changes it
+  between rounds). Only a draft model's round buffers have a gamma-sized shape; they
+  hold nothing between rounds (see DraftModelState), so they are simply reallocated."""
+  if not isinstance(state, DraftModelState) or state.round_tokens.shape[1] == spec.gamma + 1:
+    return state
+  Ld, B, _, Kd, Dd = state.round_kv.k.shape
+  shape = (Ld, B, spec.gamma + 1, Kd, Dd)
+  return dataclasses.replace(
+      state, round_kv=NewKV(k=jnp.zeros(shape, state.round_kv.k.dtype),
+                            v=jnp.zeros(shape, state.round_kv.v.dtype)),
+      round_tokens=jnp.zeros((B, spec.gamma + 1), jnp.int32))
+
+
 def _ring_sinks(spec: SpecConfig) -> int:
   return 0 if spec.window is None else spec.sinks
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import drafts, kv_cache, memory, model as model_lib, sampling, verify
+from specjax import cost_model, drafts, kv_cache, memory, model as model_lib, sampling, verify
 from specjax import sharding as sharding_lib
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache
@@ -43,6 +43,10 @@ class GenerateStats:
   decode_s: float
   decode_steps: int  # target forward passes after prefill (speculation rounds)
   tokens_per_round: float  # mean tokens a generating row gains per round
+  # (kv_limit, gamma, rounds) per on-device decode loop, in order: the context buckets
+  # decoding passed through and, with gamma="auto", the gamma chosen for each.
+  segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+  calibrate_s: float = 0.0  # gamma="auto": timing the cost model (once per bucket)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -180,9 +184,8 @@ def _prefill_chunk(params, cache: KVCache, tokens, chunk_start, prompt_lens, las
   n_valid = jnp.clip(prompt_lens - chunk_start, 0, C)
   last = prompt_lens - 1 - chunk_start  # [B], in-chunk index of the last prompt token
   logits_at = None if all_logits else jnp.clip(last, 0, C - 1)[:, None]
-  view = KVCache(k=cache.k[:, :, :, :kv_limit], v=cache.v[:, :, :, :kv_limit],
-                 lengths=cache.lengths)
-  logits, new = model_lib.forward(params, cfg, tokens, view, logits_at=logits_at)
+  logits, new = model_lib.forward(params, cfg, tokens, cache, logits_at=logits_at,
+                                  kv_limit=kv_limit)
   cache = kv_cache.commit(cache, new, n_valid)
   if all_logits:
     return cache, logits
@@ -292,7 +295,7 @@ def _emit(out, num, done, toks, count, max_new, eos):
 
 
 def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.SpecConfig, sp,
-                draft_params, active):
+                draft_params, active, kv_limit):
   """Draft gamma tokens, verify gamma + 1 in one target forward, commit the accepted.
 
   Args:
@@ -300,6 +303,7 @@ def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.Spec
     draft_params: the draft model's weights, or None for self-speculation.
     active: bool[B] rows still generating; finished rows still run (static shapes)
       but commit nothing, to the target cache or the draft state.
+    kv_limit: cache slots the verify reads (static; >= every row's length).
 
   Returns:
     (cache, draft_state, tokens i32[B, gamma + 1], count i32[B], next pending i32[B])
@@ -315,7 +319,8 @@ def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.Spec
     drafted = jnp.zeros((B, 0), jnp.int32)
     q = jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)
   logits, new = model_lib.forward(params, cfg,
-                                  jnp.concatenate([pending[:, None], drafted], 1), cache)
+                                  jnp.concatenate([pending[:, None], drafted], 1), cache,
+                                  kv_limit=kv_limit)
   n, nxt = verify.verify_chain(key_verify, drafted, q, sampling.probabilities(logits, sp))
   keep = jnp.where(active, n + 1, 0)  # the pending token + accepted drafts
   cache = kv_cache.commit(cache, new, keep)
@@ -326,48 +331,67 @@ def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.Spec
   return cache, draft_state, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
 
 
-def _decode_loop(params, cache: KVCache, draft_state, first, key, max_new, draft_params, *,
-                 cfg: ModelConfig,
-                 sp: sampling.SamplingParams, spec: drafts.SpecConfig,
-                 eos_ids: tuple[int, ...], n_out: int):
-  """Speculative (gamma > 0) or autoregressive (gamma = 0) decoding as one on-device
-  while loop over rounds.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """Everything the decode loop carries from round to round (and segment to segment)."""
+
+  cache: KVCache
+  draft: Any  # the draft state (drafts.init_state), or None
+  pending: jax.Array  # i32[B] last accepted token per row, not yet in the cache
+  out: jax.Array  # i32[B, n_out] tokens emitted so far (pad after num[b])
+  num: jax.Array  # i32[B]
+  done: jax.Array  # bool[B]
+  key: jax.Array  # PRNG key
+  rounds: jax.Array  # i32[] target forwards so far
+  row_rounds: jax.Array  # i32[] sum over rounds of the rows still generating
+
+
+def _start_state(cache: KVCache, draft_state, first, key, max_new, *, pad_id: int,
+                 eos_ids: tuple[int, ...], n_out: int) -> DecodeState:
+  """The state before the first round: ``first`` emitted, nothing else."""
+  B = first.shape[0]
+  out = jnp.full((B, n_out), pad_id, jnp.int32)
+  out, num, done = _emit(out, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool),
+                         first[:, None], jnp.ones((B,), jnp.int32), max_new,
+                         _eos_array(eos_ids))
+  return DecodeState(cache=cache, draft=draft_state, pending=first, out=out, num=num,
+                     done=done, key=key, rounds=jnp.int32(0), row_rounds=jnp.int32(0))
+
+
+def _eos_array(eos_ids: tuple[int, ...]) -> jax.Array:
+  return jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+
+def _decode_segment(params, state: DecodeState, max_new, draft_params, stop_rounds, *,
+                    cfg: ModelConfig, sp: sampling.SamplingParams, spec: drafts.SpecConfig,
+                    eos_ids: tuple[int, ...], kv_limit: int) -> DecodeState:
+  """Speculative (gamma > 0) or autoregressive (gamma = 0) rounds as one on-device
+  while loop, until every row is done, some row's prefix outgrows ``kv_limit`` (the
+  cache slots this compiled loop reads), or ``stop_rounds`` rounds have run in all.
 
   Args:
-    first: i32[B] the token sampled from the prefill logits (not yet in the cache).
     max_new: i32[B] per-row token budget (the first token counts).
     draft_params: a draft model's weights (``spec.draft_cfg``), or None.
-    n_out: static width of the output buffer, max(max_new).
-
-  Returns:
-    out i32[B, n_out] (pad after a row stops), num i32[B] tokens per row, the cache,
-    rounds run, and row-rounds (sum over rounds of rows still active).
+    stop_rounds: i32[] (traced) round count at which to return to the host.
   """
-  B = first.shape[0]
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  out = jnp.full((B, n_out), cfg.pad_id, jnp.int32)
-  out, num, done = _emit(out, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool),
-                         first[:, None], jnp.ones((B,), jnp.int32), max_new, eos)
+  eos = _eos_array(eos_ids)
 
-  def cond(state):
-    return ~state["done"].all()
+  def cond(s: DecodeState):
+    return (~s.done.all()) & (s.rounds < stop_rounds) & (s.cache.lengths.max() <= kv_limit)
 
-  def body(state):
-    key, sub = jax.random.split(state["key"])
-    active = ~state["done"]
+  def body(s: DecodeState):
+    key, sub = jax.random.split(s.key)
+    active = ~s.done
     cache, draft_state, toks, count, nxt = _spec_round(
-        params, cfg, state["cache"], state["draft"], state["pending"], sub, spec, sp,
-        draft_params, active)
-    out, num, done = _emit(state["out"], state["num"], state["done"], toks, count, max_new,
-                           eos)
-    return dict(cache=cache, draft=draft_state, pending=nxt, out=out, num=num, done=done, key=key,
-                rounds=state["rounds"] + 1,
-                row_rounds=state["row_rounds"] + active.sum(dtype=jnp.int32))
+        params, cfg, s.cache, s.draft, s.pending, sub, spec, sp, draft_params, active,
+        kv_limit)
+    out, num, done = _emit(s.out, s.num, s.done, toks, count, max_new, eos)
+    return DecodeState(cache=cache, draft=draft_state, pending=nxt, out=out, num=num,
+                       done=done, key=key, rounds=s.rounds + 1,
+                       row_rounds=s.row_rounds + active.sum(dtype=jnp.int32))
 
-  state = dict(cache=cache, draft=draft_state, pending=first, out=out, num=num, done=done, key=key,
-               rounds=jnp.int32(0), row_rounds=jnp.int32(0))
-  state = jax.lax.while_loop(cond, body, state)
-  return state["out"], state["num"], state["cache"], state["rounds"], state["row_rounds"]
+  return jax.lax.while_loop(cond, body, state)
 
 
 @dataclasses.dataclass
@@ -382,6 +406,9 @@ class DecodeResult:
   run_s: float
   cache: KVCache
   draft_init_s: float = 0.0  # building the draft state (SnapKV scoring, draft prefill)
+  # One (kv_limit, gamma, rounds) per on-device loop run, in order.
+  segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+  calibrate_s: float = 0.0  # gamma="auto": timing the cost model's forwards
 
   @property
   def tokens_per_round(self) -> float:
@@ -389,13 +416,33 @@ class DecodeResult:
     return float(self.num.sum() - len(self.num)) / max(self.row_rounds, 1)
 
 
+DECODE_BUCKET = 1024  # decode loops read a power-of-two multiple of this many slots
+AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # gamma="auto" chooses among these
+AUTO_SEGMENT_ROUNDS = 16  # gamma="auto": rounds between re-estimates of the acceptance
+AUTO_PROBE_ROUNDS = 4  # ... and before the first one
+
+
+def decode_kv_limit(max_length: int, size: int, bucket: int = DECODE_BUCKET) -> int:
+  """The cache slots a decode loop reads while the longest row has ``max_length``
+  committed tokens: a power-of-two multiple of ``bucket`` above it, capped at
+  ``size``. A row reaching the limit ends the loop, and the next reads a larger one."""
+  return _kv_limit(max_length + 1, bucket, size)
+
+
 def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
            max_new: np.ndarray, sp: sampling.SamplingParams = sampling.SamplingParams(),
            spec: drafts.SpecConfig = drafts.SpecConfig(), key: jax.Array | None = None,
            eos_ids: tuple[int, ...] = (), mesh=None,
            prompts: Sequence[Sequence[int]] | None = None,
-           draft_params=None) -> DecodeResult:
+           draft_params=None, auto_gammas: Sequence[int] | None = None,
+           kv_bucket: int | None = None) -> DecodeResult:
   """Continue every row of a prefilled cache, autoregressively or speculatively.
+
+  Decoding runs on device as a while loop over rounds; the host steps in only
+  between *segments*: when the longest row outgrows the context bucket the loop was
+  compiled for (the verify reads a power-of-two multiple of ``kv_bucket`` slots, not
+  the whole cache), and with ``auto_gammas`` every few rounds to re-estimate the
+  acceptance rate and choose the next segment's gamma.
 
   Args:
     cache: prefilled cache; row b continues after its ``lengths[b]`` tokens. Donated.
@@ -404,47 +451,121 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     first: i32[B] each row's next token (sampled from the prefill logits, or taken
       from the text when benchmarking); it is the first output token.
     max_new: i32[B] tokens per row, ``first`` included.
-    spec: speculation settings; ``gamma=0`` is autoregressive decoding.
+    spec: speculation settings; ``gamma=0`` is autoregressive decoding. With
+      ``auto_gammas`` its gamma is ignored (the rest is the draft's template).
     key: PRNG key for sampling.
     prompts: the prompt ids that filled ``cache`` (row b: ``lengths[b]`` ids); needed
       by SnapKV (its observation window) and draft models (their own prefill).
     draft_params: the draft model's weights when ``spec.draft_cfg`` is set.
+    auto_gammas: ``gamma="auto"``: choose gamma per (batch, context bucket) among these
+      with the calibrated cost model (``cost_model.GammaSchedule``).
+    kv_bucket: the smallest context bucket in slots (default ``DECODE_BUCKET``).
 
   Returns:
-    A DecodeResult; ``run_s`` excludes compilation and building the draft state
-    (``draft_init_s``, prefill-time work).
+    A DecodeResult; ``run_s`` excludes compilation, calibration and building the draft
+    state (``draft_init_s``, prefill-time work).
   """
   drafts.check(spec, cfg, draft_params)
   B = first.shape[0]
   n_out = int(max_new.max())
-  fn = functools.partial(_decode_loop, cfg=cfg, sp=sp, spec=spec, eos_ids=tuple(eos_ids),
-                         n_out=n_out)
   key = jax.random.key(0) if key is None else key
+  kv_bucket = DECODE_BUCKET if kv_bucket is None else kv_bucket
+  schedule, calibrate_s = None, [0.0]
+  if auto_gammas is not None:
+    auto_gammas = tuple(sorted(set(int(g) for g in auto_gammas)))
+    if spec.draft_cfg is not None:  # a draft model's ring must follow every round
+      auto_gammas = tuple(g for g in auto_gammas if g > 0)
+    if not auto_gammas:
+      raise ValueError("auto_gammas has no usable choice (a draft model needs gamma >= 1).")
+    spec = dataclasses.replace(spec, gamma=max(auto_gammas))  # validates the largest
+
+    def timings(limit):
+      t, seconds = _calibration(params, cfg, B, limit, auto_gammas, spec, draft_params,
+                                mesh)
+      calibrate_s[0] += seconds
+      return t
+
+    schedule = cost_model.GammaSchedule(timings, auto_gammas)
+  lengths, size = np.asarray(cache.lengths), cache.size
   draft_state, init_compile_s, init_s = None, 0.0, 0.0
   if spec.gamma:
     draft_state, init_compile_s, init_s = _init_draft_state(
         params, cfg, cache, spec, prompts, draft_params, mesh)
-  args = (params, cache, draft_state, jnp.asarray(first, jnp.int32), key,
-          jnp.asarray(max_new), draft_params)
+  # The loop state is donated: copy what belongs to the caller (the cache is donated).
+  state = _start_state(cache, draft_state, jnp.array(first, jnp.int32), jax.random.clone(key),
+                       jnp.asarray(max_new), pad_id=cfg.pad_id, eos_ids=tuple(eos_ids),
+                       n_out=n_out)
+  max_new_arr = jnp.asarray(max_new)
   shardings = _step_shardings(cfg, mesh, B, cache.size, params)
-  in_sh = out_sh = None
   if shardings is not None:
     p_sh, c_sh, row, rep = shardings
     d_sh = None if spec.draft_cfg is None else sharding_lib.param_shardings(spec.draft_cfg,
                                                                             mesh)
-    in_sh = (p_sh, c_sh, None if draft_state is None else rep, row, rep, row, d_sh)
-    out_sh = (row, row, c_sh, rep, rep)
-    if draft_state is not None:
-      draft_state = jax.device_put(draft_state, rep)
-      args = args[:2] + (draft_state,) + args[3:]
-  exe, compile_s = _compile(("decode", cfg, sp, spec, tuple(eos_ids), n_out, B, cache.size,
-                             _mesh_key(mesh)), fn, args, in_sh, out_sh, donate_argnums=(1,))
+    s_sh = DecodeState(cache=c_sh, draft=None if draft_state is None else rep, pending=row,
+                       out=row, num=row, done=row, key=rep, rounds=rep, row_rounds=rep)
+    state = jax.device_put(state, s_sh)
+    max_new_arr = jax.device_put(max_new_arr, row)
+  compile_s, run_s, segments = init_compile_s, 0.0, []
+  done = bool(np.asarray(state.done).all())
+  while not done:
+    limit = decode_kv_limit(int(lengths.max()), size, kv_bucket)
+    rounds_before = int(state.rounds)
+    stop = np.iinfo(np.int32).max
+    seg_spec = spec
+    if schedule is not None:
+      seg_spec = dataclasses.replace(spec, gamma=schedule.choose(limit))
+      stop = rounds_before + (AUTO_SEGMENT_ROUNDS if segments else AUTO_PROBE_ROUNDS)
+      if seg_spec.gamma:
+        state.draft = drafts.for_gamma(state.draft, seg_spec)
+        if shardings is not None:
+          state.draft = jax.device_put(state.draft, rep)
+    fn = functools.partial(_decode_segment, cfg=cfg, sp=sp, spec=seg_spec,
+                           eos_ids=tuple(eos_ids), kv_limit=limit)
+    args = (params, state, max_new_arr, draft_params, jnp.int32(stop))
+    in_sh = out_sh = None
+    if shardings is not None:
+      in_sh, out_sh = (p_sh, s_sh, row, d_sh, rep), s_sh
+    exe, seconds = _compile(("decode", cfg, sp, seg_spec, tuple(eos_ids), n_out, B, size,
+                             limit, _mesh_key(mesh)), fn, args, in_sh, out_sh,
+                            donate_argnums=(1,))
+    compile_s += seconds
+    num_before, row_rounds_before = np.asarray(state.num), int(state.row_rounds)
+    t0 = time.perf_counter()
+    state = exe(*args)
+    lengths, num, done_rows, rounds, row_rounds = jax.device_get(
+        (state.cache.lengths, state.num, state.done, state.rounds, state.row_rounds))
+    run_s += time.perf_counter() - t0
+    segments.append((limit, seg_spec.gamma, int(rounds) - rounds_before))
+    if schedule is not None:
+      schedule.observe(seg_spec.gamma, int((num - num_before).sum()),
+                       int(row_rounds) - row_rounds_before)
+    done = bool(done_rows.all())
+  out, num = jax.device_get((state.out, state.num))
+  return DecodeResult(tokens=out, num=num, steps=int(state.rounds),
+                      row_rounds=int(state.row_rounds), compile_s=compile_s,
+                      run_s=run_s, cache=state.cache, draft_init_s=init_s,
+                      segments=segments, calibrate_s=calibrate_s[0])
+
+
+_TIMINGS: dict[Any, Any] = {}
+
+
+def _calibration(params, cfg: ModelConfig, batch: int, context: int, gammas, spec,
+                 draft_params, mesh):
+  """``cost_model.calibrate`` for one (batch, context bucket), once per process.
+
+  Returns:
+    (Timings, seconds spent now).
+  """
+  key = (cfg, batch, context, tuple(gammas), dataclasses.replace(spec, gamma=0),
+         _mesh_key(mesh))
+  if key in _TIMINGS:
+    return _TIMINGS[key], 0.0
   t0 = time.perf_counter()
-  out, num, cache, rounds, row_rounds = exe(*args)
-  out, num, rounds, row_rounds = jax.device_get((out, num, rounds, row_rounds))
-  return DecodeResult(tokens=out, num=num, steps=int(rounds), row_rounds=int(row_rounds),
-                      compile_s=compile_s + init_compile_s,
-                      run_s=time.perf_counter() - t0, cache=cache, draft_init_s=init_s)
+  sh = None if mesh is None else sharding_lib.cache_shardings(cfg, batch, context, mesh)
+  _TIMINGS[key] = cost_model.calibrate(params, cfg, batch, context, gammas, spec,
+                                       draft_params=draft_params, cache_sharding=sh)
+  return _TIMINGS[key], time.perf_counter() - t0
 
 
 def _init_draft_state(params, cfg: ModelConfig, cache: KVCache, spec: drafts.SpecConfig,
@@ -531,7 +652,8 @@ def generate(model,
              eos_ids: Sequence[int] | None = None,
              max_cache_len: int | None = None,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-             gamma: int = 4,
+             gamma: int | str = 4,
+             auto_gammas: Sequence[int] = AUTO_GAMMAS,
              draft_kv: str = "streaming",
              sinks: int = 16,
              window: int | None = 512,
@@ -552,7 +674,12 @@ def generate(model,
     max_cache_len: cap on cache slots per row; a prompt that does not fit with its new
       tokens raises ValueError instead of being truncated.
     prefill_chunk: tokens per prefill step.
-    gamma: drafted tokens per round (speculative methods).
+    gamma: drafted tokens per round (speculative methods), or "auto": the cost model
+      (``specjax.cost_model``), calibrated on this machine for the batch and each
+      context bucket, chooses among ``auto_gammas`` per bucket from the timings and
+      the acceptance rate measured so far, switching as rows grow.
+    auto_gammas: the choices for ``gamma="auto"`` (0 = autoregressive; not used with a
+      draft model, whose ring must follow every round).
     draft_kv: the self-speculation draft's view of the prefix: "streaming" (sinks +
       recent window) or "snapkv" (positions selected at prefill + recent window).
     sinks, window: the draft's prefix budget: ``window`` positions in all, the first
@@ -572,8 +699,14 @@ def generate(model,
   if draft_model is not None and method != "magicdec_draft":
     raise ValueError(f"draft_model is only used by method='magicdec_draft'; got"
                      f" method={method!r}.")
-  spec = spec_config(method, gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window,
-                     obs_window=obs_window,
+  auto = gamma == "auto"
+  if not auto and not isinstance(gamma, (int, np.integer)):
+    raise ValueError(f"gamma={gamma!r}; pass an int or 'auto'.")
+  if auto and method == "autoregressive":
+    raise ValueError("gamma='auto' chooses a speculation length; method='autoregressive'"
+                     " has none.")
+  spec = spec_config(method, gamma=max(auto_gammas, default=0) if auto else gamma,
+                     draft_kv=draft_kv, sinks=sinks, window=window, obs_window=obs_window,
                      draft_cfg=None if draft_model is None else draft_model.config)
   cfg: ModelConfig = model.config
   drafts.check(spec, cfg, None if draft_model is None else draft_model.params)
@@ -607,7 +740,8 @@ def generate(model,
   key_first, key_decode = jax.random.split(jax.random.key(seed))
   first = sampling.sample(key_first, first_logits, sp)
   res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
-               key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids, draft_params=draft_params)
+               key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids, draft_params=draft_params,
+               auto_gammas=auto_gammas if auto else None)
   out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None
@@ -618,7 +752,8 @@ def generate(model,
                         compile_s=compile_prefill + res.compile_s,
                         prefill_s=prefill_s + res.draft_init_s,
                         decode_s=res.run_s, decode_steps=res.steps,
-                        tokens_per_round=res.tokens_per_round)
+                        tokens_per_round=res.tokens_per_round, segments=res.segments,
+                        calibrate_s=res.calibrate_s)
   return GenerateOutput(tokens=tokens, texts=texts, stats=stats)
 
 

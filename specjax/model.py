@@ -121,6 +121,7 @@ def forward(params: Params,
             slot_pos: jax.Array | None = None,  # i32[B, S]
             logits_at: jax.Array | None = None,  # i32[B, N]
             pending: NewKV | None = None,  # [L, B, P, K, D]
+            kv_limit: int | None = None,
             ) -> tuple[jax.Array, NewKV]:
   """Run T new tokens per row after each row's committed prefix.
 
@@ -142,12 +143,16 @@ def forward(params: Params,
       prompt token during prefill); None computes all T.
     pending: keys/values of P earlier tokens that are not committed to the cache (a
       draft's own drafted tokens); they sit between the prefix and the new tokens.
+    kv_limit: read only the first ``kv_limit`` cache slots (static; every row's
+      ``lengths[b]`` must be <= it). Attention over the full prefix reads the whole
+      buffer, masked; a limit lets short rows of a large cache (early prefill chunks,
+      decoding far below the cache size) pay only for a bucket of it.
 
   Returns:
     logits: f32[B, T or N, V]; new_kv: the keys/values of the T new tokens.
   """
   x, new, _ = _layers(params, cfg, tokens, cache, offsets=offsets, new_mask=new_mask,
-                      pending=pending, prefix_idx=prefix_idx,
+                      pending=pending, prefix_idx=prefix_idx, kv_limit=kv_limit,
                       view=dict(window=window, slot_pos=slot_pos))
   if logits_at is not None:
     x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
@@ -168,13 +173,13 @@ def prefix_scores(params: Params,
   SnapKV's observation window is such a forward over a prompt's last tokens.
   """
   _, _, scores = _layers(params, cfg, tokens, cache, offsets=None, new_mask=None,
-                         pending=None, prefix_idx=None,
+                         pending=None, prefix_idx=None, kv_limit=None,
                          view=dict(window=None, slot_pos=None, score_queries=query_valid))
   return scores
 
 
 def _layers(params: Params, cfg: ModelConfig, tokens, cache: KVCache, *, offsets, new_mask,
-            pending, prefix_idx, view: dict):
+            pending, prefix_idx, kv_limit, view: dict):
   """Embedding + every decoder block (one lax.scan); returns (x [B, T, E], NewKV,
   per-layer scores or None)."""
   B, T = tokens.shape
@@ -188,6 +193,8 @@ def _layers(params: Params, cfg: ModelConfig, tokens, cache: KVCache, *, offsets
 
   def step(x, per_layer):
     layer, k_cache, v_cache, pending_k, pending_v, idx = per_layer
+    if kv_limit is not None:  # sliced per layer: XLA folds it into the scan's slice
+      k_cache, v_cache = k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit]
     return _block(cfg, x, layer, k_cache, v_cache, pending_k, pending_v, idx,
                   cache.lengths, positions, new_mask, view)
 

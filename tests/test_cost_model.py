@@ -30,7 +30,8 @@ def _timings(draft_cost):
 def test_choose_gamma_follows_draft_cost_and_acceptance():
   assert cost_model.choose_gamma(_timings(0.05), 0.9, [2, 4, 8]) == 8  # cheap, accurate
   assert cost_model.choose_gamma(_timings(0.05), 0.5, [2, 4, 8]) == 2  # cheap, inaccurate
-  assert cost_model.choose_gamma(_timings(0.9), 0.9, [2, 4, 8]) == 0  # draft ~ target
+  assert cost_model.choose_gamma(_timings(0.9), 0.9, [0, 2, 4, 8]) == 0  # draft ~ target
+  assert cost_model.choose_gamma(_timings(0.9), 0.9, [2, 4, 8]) == 2  # 0 not allowed
   t = _timings(0.2)
   assert t.predicted_speedup(0.8, 4) == pytest.approx(
       cost_model.expected_tokens(0.8, 4) * 1.0 / (4 * 0.2 + 1.1))
@@ -44,3 +45,43 @@ def test_calibrate_times_the_engine_forwards():
                            repeats=1)
   assert set(t.target) == {1, 3, 4} and set(t.draft) == {2, 3}
   assert all(v > 0 for v in list(t.target.values()) + list(t.draft.values()))
+
+
+@pytest.mark.parametrize("spec", [
+    drafts.SpecConfig(gamma=2, draft_kv="snapkv", sinks=2, window=16, obs_window=4),
+    drafts.SpecConfig(gamma=2, sinks=2, window=16, draft_cfg=tiny_config(num_layers=1)),
+], ids=["snapkv", "draft_model"])
+def test_calibrate_times_every_draft_kind(spec):
+  cfg = tiny_config()
+  params = init_params(cfg, jax.random.key(0))
+  draft_params = None if spec.draft_cfg is None else init_params(spec.draft_cfg,
+                                                                 jax.random.key(1))
+  t = cost_model.calibrate(params, cfg, batch=2, context=64, gammas=[1, 2], spec_template=spec,
+                           repeats=1, draft_params=draft_params)
+  assert set(t.draft) == {1, 2} and all(v > 0 for v in t.draft.values())
+
+
+class _Recorder:
+  def __init__(self, timings):
+    self.timings, self.asked = timings, []
+
+  def __call__(self, context):
+    self.asked.append(context)
+    return self.timings
+
+
+def test_gamma_schedule_measures_before_it_settles():
+  timings = _Recorder(_timings(0.05))
+  schedule = cost_model.GammaSchedule(timings, [0, 2, 4, 8], prior_alpha=0.9)
+  assert schedule.choose(4096) == 8 and timings.asked == [4096]
+  # Measured: 1.5 tokens per round at gamma 8 -> alpha ~ 1/3: a short chain is better.
+  schedule.observe(8, tokens=30, row_rounds=20)
+  assert schedule.alpha == pytest.approx(cost_model.acceptance_from_tokens(1.5, 8))
+  assert schedule.choose(8192) == 2
+  schedule.observe(0, tokens=10, row_rounds=10)  # autoregressive segments teach nothing
+  assert schedule.alpha == pytest.approx(cost_model.acceptance_from_tokens(1.5, 8))
+  # A costly draft: autoregressive, but only once acceptance has been measured.
+  costly = cost_model.GammaSchedule(_Recorder(_timings(0.9)), [0, 2, 4])
+  assert costly.choose(1024) == 2
+  costly.observe(2, tokens=25, row_rounds=10)
+  assert costly.choose(1024) == 0

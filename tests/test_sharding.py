@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import sharding
+from specjax import drafts, sharding
 from specjax.config import tiny_config
 from specjax.params import init_params
 
@@ -32,6 +32,21 @@ def test_sharded_generate_and_logits_equal_single_device(tiny, data, model):
   assert sharded.tokens == single.tokens
   for a, b in zip(specjax.logits(tiny, PROMPTS, mesh=mesh), specjax.logits(tiny, PROMPTS)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="magicdec", gamma=3, sinks=2, window=8),
+    dict(method="magicdec", gamma=2, draft_kv="snapkv", sinks=1, window=12, obs_window=4),
+    dict(method="magicdec_draft", gamma=2, sinks=2, window=10),
+    dict(method="magicdec", gamma="auto", auto_gammas=(0, 1, 3), sinks=2, window=8),
+], ids=["streaming", "snapkv", "draft_ring", "auto"])
+def test_sharded_speculation_equals_single_device(tiny, kw):
+  if kw["method"] == "magicdec_draft":
+    kw = dict(kw, draft_model=drafts.truncated_draft(tiny, 1))
+  mesh = sharding.make_mesh(2, 4)
+  single = specjax.generate(tiny, PROMPTS, max_new_tokens=[12, 9, 14, 6])
+  sharded = specjax.generate(tiny, PROMPTS, max_new_tokens=[12, 9, 14, 6], mesh=mesh, **kw)
+  assert sharded.tokens == single.tokens
 
 
 def test_rules_shard_what_divides_and_replicate_the_rest():

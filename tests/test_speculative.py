@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import drafts, engine, sampling, verify
+from specjax import cost_model, drafts, engine, sampling, verify
 from specjax.config import tiny_config
 from specjax.params import init_params
 
@@ -80,6 +80,66 @@ def test_greedy_magicdec_stops_rows_at_eos_and_budget(tiny):
   kw = dict(max_new_tokens=[24, 7, 24], eos_ids=[eos])
   assert (specjax.generate(tiny, PROMPTS, method="magicdec", gamma=3, sinks=1, window=6,
                            **kw).tokens == specjax.generate(tiny, PROMPTS, **kw).tokens)
+
+
+def _cycle_gammas(monkeypatch, order, every=2):
+  """Make gamma="auto" switch to the next gamma of ``order`` every ``every`` rounds."""
+  gammas = itertools.cycle(order)
+  monkeypatch.setattr(cost_model.GammaSchedule, "choose",
+                      lambda self, context: next(g for g in gammas if g in self.gammas))
+  monkeypatch.setattr(engine, "AUTO_PROBE_ROUNDS", every)
+  monkeypatch.setattr(engine, "AUTO_SEGMENT_ROUNDS", every)
+
+
+AUTO_KINDS = {
+    "streaming": lambda m: dict(method="magicdec", sinks=2, window=8),
+    "snapkv": lambda m: dict(method="magicdec", draft_kv="snapkv", sinks=1, window=12,
+                             obs_window=4),
+    "draft_ring": lambda m: dict(method="magicdec_draft", sinks=2, window=10,
+                                 draft_model=drafts.truncated_draft(m, 1)),
+}
+
+
+@pytest.mark.parametrize("kind", AUTO_KINDS)
+def test_greedy_auto_gamma_switching_equals_autoregressive(tiny, monkeypatch, kind):
+  """Switching gamma between segments (to 0 too, and back) changes no token."""
+  budgets = [40, 23, 35]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  _cycle_gammas(monkeypatch, [3, 0, 1, 4, 2])
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, gamma="auto",
+                        auto_gammas=(0, 1, 2, 3, 4), **AUTO_KINDS[kind](tiny))
+  assert sd.tokens == ar.tokens
+  used = [g for _, g, _ in sd.stats.segments]
+  expected = [3, 1, 4, 2] if kind == "draft_ring" else [3, 0, 1, 4, 2]
+  assert used[:len(expected)] == expected
+  assert all(rounds <= 2 for _, _, rounds in sd.stats.segments)
+
+
+def test_greedy_auto_gamma_with_the_calibrated_cost_model(tiny):
+  budgets = [40, 23, 35]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="magicdec",
+                        gamma="auto", auto_gammas=(0, 1, 2, 4), sinks=2, window=8)
+  assert sd.tokens == ar.tokens
+  assert sd.stats.calibrate_s > 0
+  segments = sd.stats.segments
+  assert segments[0][1] in (1, 2, 4)  # the first segment always measures acceptance
+  assert all(g in (0, 1, 2, 4) for _, g, _ in segments)
+  assert sum(r for _, _, r in segments) == sd.stats.decode_steps
+
+
+def test_decoding_crosses_context_buckets_without_changing_tokens(tiny, monkeypatch):
+  budgets = [40, 23, 35]
+  whole = {m: specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method=m, gamma=3,
+                               sinks=2, window=8) for m in ("autoregressive", "magicdec")}
+  assert [s[0] for s in whole["magicdec"].stats.segments] == [128]
+  monkeypatch.setattr(engine, "DECODE_BUCKET", 16)
+  for m, ref in whole.items():
+    out = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method=m, gamma=3, sinks=2,
+                           window=8)
+    assert out.tokens == ref.tokens
+    # Longest prompt 42: the loop first reads 64 slots, then the whole (128) cache.
+    assert [s[0] for s in out.stats.segments] == [64, 128]
 
 
 def test_verify_chain_greedy_rule():
@@ -158,6 +218,16 @@ def test_stochastic_new_drafts_preserve_target_distribution(small_vocab, policy)
         }[policy]
   sp = sampling.SamplingParams(temperature=1.0)
   chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **kw)
+  assert chi2 < _chi2_critical(df), (chi2, df)
+
+
+def test_stochastic_auto_gamma_switching_preserves_target_distribution(small_vocab,
+                                                                      monkeypatch):
+  """Every round switches gamma (1, 0, 2, ...): the first three tokens span switches."""
+  _cycle_gammas(monkeypatch, [1, 0, 2], every=1)
+  sp = sampling.SamplingParams(temperature=1.0)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, method="magicdec", gamma="auto",
+                   auto_gammas=(0, 1, 2), sinks=1, window=3)
   assert chi2 < _chi2_critical(df), (chi2, df)
 
 
