@@ -1,11 +1,28 @@
-"""Measure the memory bandwidth of the device at hand, for roofline fractions."""
+"""The machine at hand: its description and memory bandwidth, for result files and
+roofline fractions."""
 
 from __future__ import annotations
+
+import os
+import platform
 
 import jax
 import jax.numpy as jnp
 
 from specjax.cost_model import best_time
+
+
+def machine_description() -> dict[str, str]:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"device": f"{jax.device_count()} x {dev.device_kind} ({dev.platform})",
+          "cpu": f"{cpu}, {os.cpu_count()} cores", "jax": jax.__version__,
+          "python": platform.python_version()}
 
 
 def measure(size_mib: int = 512, repeats: int = 7) -> dict[str, float]:

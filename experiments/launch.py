@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -38,8 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bandwidth, workloads
-from specjax import cost_model, drafts, engine, kv_cache, loading, memory, sampling, sharding
+from specjax import cost_model, drafts, engine, kv_cache, loading, memory, sampling, sequoia
+from specjax import sharding
 from specjax.params import param_bytes
+from specjax.tree import TokenTree
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m",
                              "smollm2-135m, a .gguf path, an HF directory or a checkpoint.")
@@ -50,8 +51,17 @@ _GAMMA = flags.DEFINE_list("gamma", ["4"],
                            "Draft lengths to compare (speculative methods); 'auto' = the"
                            " engine's cost-model choice per context bucket among"
                            f" {engine.AUTO_GAMMAS}.")
+_TREE = flags.DEFINE_list("tree", ["16"],
+                          "sequoia: tree sizes (root included) to compare; 'auto' = the"
+                          " engine's cost-model choice per context bucket among optimal"
+                          f" trees of sizes {engine.AUTO_TREE_SIZES} and plain decoding.")
+_TREE_DEPTH = flags.DEFINE_integer("tree_depth", 8, "sequoia: the trees' depth limit.")
+_ACCEPTANCE = flags.DEFINE_string("acceptance", None,
+                                  "sequoia: a JSON file written by experiments.acceptance,"
+                                  " or comma-separated values (default: the library's"
+                                  " sequoia.DEFAULT_ACCEPTANCE).")
 _DRAFT_KV = flags.DEFINE_list("draft_kv", ["streaming"],
-                              "Self-speculation draft KV policies (magicdec).")
+                              "Self-speculation draft KV policies (magicdec, sequoia).")
 _SINKS = flags.DEFINE_integer("sinks", 16, "Draft sink positions.")
 _WINDOW = flags.DEFINE_integer("window", 512, "Draft prefix budget (sinks included); 0 ="
                                 " a full draft cache (magicdec_draft only).")
@@ -98,21 +108,8 @@ class Cell:
   mean_accepted: float | None = None
   acceptance_rate: float | None = None  # per-token alpha inverted from mean_accepted
   predicted_speedup: float | None = None  # cost model, calibrated in the same run
-  auto_gamma: int | None = None  # the cost model's choice for this (batch, context)
-  segments: list | None = None  # (kv_limit, gamma, rounds) per decode loop (gamma=auto)
-
-
-def machine_description() -> dict[str, str]:
-  dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return {"device": f"{jax.device_count()} x {dev.device_kind} ({dev.platform})",
-          "cpu": f"{cpu}, {os.cpu_count()} cores", "jax": jax.__version__,
-          "python": platform.python_version()}
+  auto_choice: str | None = None  # the cost model's pick: "g<gamma>" or "n<size>d<depth>"
+  segments: list | None = None  # (kv_limit, drafts/round, rounds) per decode loop (auto)
 
 
 def step_bytes(cfg, batch: int, prompt: int, new_tokens: int) -> float:
@@ -132,14 +129,17 @@ def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
 
 
 def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mesh,
-             bw_gbps, repeats, prefill_chunk, draft=None, auto=()) -> list[Cell]:
+             bw_gbps, repeats, prefill_chunk, draft=None, auto=None,
+             acceptance=sequoia.DEFAULT_ACCEPTANCE) -> list[Cell]:
   """Measure every (batch, context, method) cell.
 
   Args:
     specs: label -> SpecConfig; "autoregressive" (gamma 0) must come first, it is the
       baseline each cell's speedup is measured against.
     draft: the draft model of the specs with a ``draft_cfg``, or None.
-    auto: labels decoded with ``gamma="auto"`` (their spec is the draft template).
+    auto: label -> the trees ``gamma="auto"`` / ``tree="auto"`` chooses among (their
+      spec is the draft template).
+    acceptance: the positional acceptance vector the sequoia trees were built for.
   """
   cfg = model.config
   if min(contexts) <= new_tokens:
@@ -183,7 +183,8 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                                 mesh=mesh, prompts=prompts,
                                 draft_params=draft_params if specs[method].draft_cfg
                                 else None,
-                                auto_gammas=engine.AUTO_GAMMAS if method in auto else None)
+                                auto=auto.get(method), acceptance=_prior(specs[method],
+                                                                          acceptance))
           del view, res.cache
           if best is None or res.run_s < best.run_s:
             best = res
@@ -199,51 +200,67 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                     mean_accepted=best.tokens_per_round)
         if method in auto:
           cell.segments = best.segments
-          cell.auto_gamma = _most_used_gamma(best.segments)
+          cell.auto_choice = _most_used(best.segments, specs[method])
         if method == "autoregressive":
           baseline = tps
         cell.speedup = tps / baseline
         cells.append(cell)
         logging.info("%s", cell)
-      _predict(params, cfg, batch, context, specs, cells[-len(specs):], auto, draft_params)
+      _predict(params, cfg, batch, context, specs, cells[-len(specs):], auto, draft_params,
+               acceptance)
   return cells
 
 
-def _most_used_gamma(segments) -> int:
+def _prior(spec: drafts.SpecConfig, acceptance) -> tuple[float, ...]:
+  """The acceptance vector a method starts from: a chain's rate, or a tree's vector."""
+  return tuple(acceptance) if spec.tree is not None else (0.7,)
+
+
+def shape_label(tree: TokenTree) -> str:
+  if tree.size == 1 or tree == TokenTree.chain(tree.size - 1):
+    return f"g{tree.size - 1}"
+  return f"n{tree.size}d{tree.max_depth}"
+
+
+def _most_used(segments, spec: drafts.SpecConfig) -> str:
   rounds: dict[int, int] = {}
-  for _, g, r in segments:
-    rounds[g] = rounds.get(g, 0) + r
-  return max(rounds, key=rounds.get)
+  for _, drafted, r in segments:
+    rounds[drafted] = rounds.get(drafted, 0) + r
+  drafted = max(rounds, key=rounds.get)
+  return f"g{drafted}" if spec.tree is None or drafted == 0 else f"n{drafted + 1}"
 
 
-def _predict(params, cfg, batch, context, specs, cells, auto, draft_params):
+def _predict(params, cfg, batch, context, specs, cells, auto, draft_params, acceptance):
   """Calibrate the cost model for this bucket; fill predicted speedups and the auto pick.
 
-  alpha comes from the smallest-gamma run of each draft policy (acceptance per token
-  barely depends on gamma); the auto pick is the gamma the model predicts fastest.
+  Per draft policy and kind (chains; trees), the acceptance is fitted to the smallest
+  shape's measured tokens per round (rank 0 of the vector; a chain's rate) and every
+  other shape of the group is predicted from it; the pick is the shape (or plain
+  decoding) the model predicts fastest.
   """
-  by_policy: dict[tuple, list[Cell]] = {}
+  groups: dict[tuple, list[Cell]] = {}
   for cell in cells:
     spec = specs[cell.method]
-    if spec.gamma and cell.method not in auto:
-      by_policy.setdefault((spec.draft_kv, spec.draft_cfg), []).append(cell)
+    if spec.speculative and cell.method not in auto:
+      groups.setdefault((spec.draft_kv, spec.draft_cfg, spec.tree is None), []).append(cell)
   size = engine.plan_cache_size(cfg, [context - cells[0].new_tokens],
                                 np.array([cells[0].new_tokens]), None)
-  for policy, group in by_policy.items():
-    gammas = [specs[c.method].gamma for c in group]
-    timings = cost_model.calibrate(params, cfg, batch, size, gammas, specs[group[0].method],
-                                   draft_params=draft_params if policy[1] else None)
-    probe = min(group, key=lambda c: specs[c.method].gamma)
-    alpha = cost_model.acceptance_from_tokens(probe.mean_accepted,
-                                              specs[probe.method].gamma)
-    auto_g = cost_model.choose_gamma(timings, alpha, [0] + gammas)
+  for key, group in groups.items():
+    shapes = [specs[c.method].shape for c in group]
+    timings = cost_model.calibrate(params, cfg, batch, size, [TokenTree.chain(0)] + shapes,
+                                   specs[group[0].method],
+                                   draft_params=draft_params if key[1] else None)
+    probe = min(group, key=lambda c: specs[c.method].shape.size)
+    prior = _prior(specs[probe.method], acceptance)
+    fitted = cost_model.fit_first_rank(specs[probe.method].shape, prior, probe.mean_accepted)
+    pick = cost_model.choose(timings, fitted, [TokenTree.chain(0)] + shapes)
     for cell in group:
-      g = specs[cell.method].gamma
-      cell.acceptance_rate = cost_model.acceptance_from_tokens(cell.mean_accepted, g)
-      cell.predicted_speedup = timings.predicted_speedup(alpha, g)
-      cell.auto_gamma = auto_g
-    logging.info("cost model b=%d s=%d %s: alpha=%.3f timings=%s -> gamma %d", batch,
-                 context, policy[0], alpha, timings, auto_g)
+      shape = specs[cell.method].shape
+      cell.acceptance_rate = cost_model.fit_first_rank(shape, prior, cell.mean_accepted)[0]
+      cell.predicted_speedup = timings.predicted_speedup(shape, fitted)
+      cell.auto_choice = shape_label(pick)
+    logging.info("cost model b=%d s=%d %s: accept=%s timings=%s -> %s", batch, context,
+                 key[0], fitted, timings, shape_label(pick))
 
 
 def plot_speedups(cells: list[Cell], path: pathlib.Path) -> bool:
@@ -272,16 +289,28 @@ def plot_speedups(cells: list[Cell], path: pathlib.Path) -> bool:
 
 def format_table(cells: list[Cell]) -> str:
   head = ("| method | batch | context | tok/s | step ms | speedup vs AR | predicted |"
-          " tokens/step/row | alpha | auto gamma | roofline tok/s | roofline fraction |")
+          " tokens/step/row | alpha | cost-model pick | roofline tok/s | roofline fraction |")
   lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   fmt = lambda x, f: "-" if x is None else format(x, f)
   for c in cells:
     lines.append(f"| {c.method} | {c.batch} | {c.context} | {c.tokens_per_s:.1f} |"
                  f" {c.step_ms:.1f} | {c.speedup:.2f}x | {fmt(c.predicted_speedup, '.2f')} |"
                  f" {c.mean_accepted:.2f} | {fmt(c.acceptance_rate, '.2f')} |"
-                 f" {fmt(c.auto_gamma, 'd')} | {c.roofline_tokens_per_s:.1f} |"
+                 f" {c.auto_choice or '-'} | {c.roofline_tokens_per_s:.1f} |"
                  f" {100 * c.roofline_fraction:.1f}% |")
   return "\n".join(lines)
+
+
+def load_acceptance(value: str | None) -> tuple[float, ...]:
+  """--acceptance: a JSON file from experiments.acceptance, or comma-separated values."""
+  if not value:
+    return tuple(sequoia.DEFAULT_ACCEPTANCE)
+  if os.path.exists(value):
+    return tuple(json.loads(pathlib.Path(value).read_text())["accept"])
+  try:
+    return tuple(float(x) for x in value.split(","))
+  except ValueError:
+    raise app.UsageError(f"--acceptance={value}: not a file nor comma-separated numbers.")
 
 
 def main(argv):
@@ -292,25 +321,38 @@ def main(argv):
   batches = [int(b) for b in _BATCH.value]
   contexts = [int(c) for c in _CONTEXT.value]
   specs = {"autoregressive": engine.spec_config("autoregressive")}
-  auto = set()
-  gammas = []
+  auto: dict[str, tuple[TokenTree, ...]] = {}
   for g in _GAMMA.value:
     if g != "auto" and not (g.isdigit() and int(g) >= 1):
       raise app.UsageError(f"--gamma={g}: pass integers >= 1 or 'auto'.")
-    gammas.append(g)
-  gamma_of = lambda g: max(engine.AUTO_GAMMAS) if g == "auto" else int(g)
+  for n in _TREE.value:
+    if n != "auto" and not (n.isdigit() and int(n) >= 2):
+      raise app.UsageError(f"--tree={n}: pass sizes >= 2 or 'auto'.")
+  acceptance = load_acceptance(_ACCEPTANCE.value)
+  chains = tuple(TokenTree.chain(g) for g in engine.AUTO_GAMMAS)
+  trees = engine.auto_trees(acceptance, max_depth=_TREE_DEPTH.value)
   for m in _METHODS.value:
     if m not in engine.METHODS:
       raise app.UsageError(f"--method={m}; available: {', '.join(engine.METHODS)}")
     if m in ("autoregressive", "magicdec_draft"):  # the draft needs the loaded model
       continue
     for kv in _DRAFT_KV.value:
-      for g in gammas:
-        specs[f"{m}/{kv}/g{g}"] = engine.spec_config(m, gamma=gamma_of(g), draft_kv=kv,
-                                                      sinks=_SINKS.value,
-                                                      window=_WINDOW.value)
-        if g == "auto":
-          auto.add(f"{m}/{kv}/g{g}")
+      common = dict(draft_kv=kv, sinks=_SINKS.value, window=_WINDOW.value)
+      if m == "magicdec":
+        for g in _GAMMA.value:
+          label = f"{m}/{kv}/g{g}"
+          specs[label] = engine.spec_config(
+              m, gamma=max(engine.AUTO_GAMMAS) if g == "auto" else int(g), **common)
+          if g == "auto":
+            auto[label] = chains
+      else:  # sequoia
+        for n in _TREE.value:
+          label = f"{m}/{kv}/n{n}"
+          tree = max(trees, key=lambda t: t.size) if n == "auto" else sequoia.optimal_tree(
+              int(n), _TREE_DEPTH.value, acceptance)
+          specs[label] = engine.spec_config(m, tree=tree, **common)
+          if n == "auto":
+            auto[label] = trees
   mesh = sharding.make_mesh(*[int(x) for x in _MESH.value]) if _MESH.value else None
   sp = sampling.SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
 
@@ -323,20 +365,20 @@ def main(argv):
   draft = None
   if "magicdec_draft" in _METHODS.value:
     draft = drafts.truncated_draft(model, _DRAFT_LAYERS.value)
-    for g in gammas:
+    for g in _GAMMA.value:
       label = f"magicdec_draft/L{_DRAFT_LAYERS.value}/g{g}"
       specs[label] = engine.spec_config(
-          "magicdec_draft", gamma=gamma_of(g), sinks=_SINKS.value,
-          window=_WINDOW.value or None, draft_cfg=draft.config)
+          "magicdec_draft", gamma=max(engine.AUTO_GAMMAS) if g == "auto" else int(g),
+          sinks=_SINKS.value, window=_WINDOW.value or None, draft_cfg=draft.config)
       if g == "auto":
-        auto.add(label)
+        auto[label] = tuple(t for t in chains if t.max_depth)
 
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
   try:
     cells = run_grid(model, batches, contexts, specs, _NEW.value, sp,
                      _DISTINCT.value, mesh, bw["roofline_gbps"], _REPEATS.value,
-                     _CHUNK.value, draft=draft, auto=auto)
+                     _CHUNK.value, draft=draft, auto=auto, acceptance=acceptance)
   finally:
     if _PROFILE.value:
       jax.profiler.stop_trace()
@@ -349,8 +391,9 @@ def main(argv):
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python -m experiments.launch " + " ".join(sys.argv[1:]),
             "methods": {label: dataclasses.asdict(spec) for label, spec in specs.items()},
+            "acceptance": acceptance,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(), "model": model.config.name, "dtype": dtype,
+            "machine": bandwidth.machine_description(), "model": model.config.name, "dtype": dtype,
             "sampling": dataclasses.asdict(sp), "bandwidth": bw,
             "distinct_rows": _DISTINCT.value}
     out.write_text(json.dumps({**meta, "cells": [dataclasses.asdict(c) for c in cells]},

@@ -1,18 +1,23 @@
-"""A cost model for chain speculation, calibrated on the machine at hand.
+"""A cost model for chain and tree speculation, calibrated on the machine at hand.
 
-MagicDec (arXiv 2408.11049, §3) and Sequoia (arXiv 2402.12374) predict the speedup of a
-round of gamma drafts + one verification of gamma + 1 tokens as::
+MagicDec (arXiv 2408.11049, §3) and Sequoia (arXiv 2402.12374) predict the speedup of
+a round that drafts a token tree of n nodes and depth D (a chain of gamma drafts: n =
+gamma + 1, D = gamma) and verifies it in one target forward::
 
-  E[tokens per round] = (1 - a^(gamma + 1)) / (1 - a)        (acceptance rate a)
-  T_round             = gamma * T_draft + T_verify(gamma + 1)
+  E[tokens per round] = 1 + F(tree, accept)       (sequoia.expected_accepted)
+  T_round             = D * T_draft(tree) + T_verify(n)
   speedup             = E[tokens] * T_target(1) / T_round
 
+For a chain with i.i.d. acceptance a, ``1 + F = (1 - a^(gamma + 1)) / (1 - a)``
+(:func:`expected_tokens`); ``accept = (a,)`` is that chain's positional vector.
+
 Rather than modelling bytes and FLOPs, the times are *measured*: the same jitted
-forward passes the engine runs (the target over T new tokens after S prefix tokens, the
-draft step over its sparse budget), each timed after compilation, so the fixed
-per-forward latency, the machine's bandwidth and its compute limits are all inside the
-numbers. ``choose_gamma`` then picks the gamma with the best predicted throughput for a
-(batch, context) bucket.
+forward passes the engine runs (the target over n new tokens after S prefix tokens,
+one draft level over its sparse budget), each timed after compilation, so the fixed
+per-forward latency, the machine's bandwidth and its compute limits are all inside
+the numbers. :class:`ShapeSchedule` then picks, per (batch, context bucket), the tree
+(or chain, or plain decoding) with the best predicted throughput, and refits the
+acceptance as the generation reports what it measured.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from specjax import drafts, model as model_lib
+from specjax import drafts, model as model_lib, sequoia
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache, NewKV, cache_shape
+from specjax.tree import TokenTree
 
 
 def expected_tokens(alpha: float, gamma: int) -> float:
@@ -35,14 +41,23 @@ def expected_tokens(alpha: float, gamma: int) -> float:
   return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def acceptance_from_tokens(tokens_per_round: float, gamma: int) -> float:
-  """Invert ``expected_tokens``: the alpha that gives the measured tokens per round."""
-  target = min(max(tokens_per_round, 1.0), gamma + 1.0)
+def fit_first_rank(tree: TokenTree, accept, tokens_per_round: float) -> tuple[float, ...]:
+  """``accept`` with its rank-0 entry refit so that the tree's expected tokens per
+  round equal the measured ones (bisection: F increases with accept[0]). Rank 0
+  carries most of the mass; the shape of the rest of the vector is kept."""
+  rest = tuple(float(a) for a in accept[1:])
+  value = lambda a0: 1.0 + sequoia.expected_accepted(tree, (a0,) + rest)
+  target = min(max(tokens_per_round, value(0.0)), value(1.0))
   lo, hi = 0.0, 1.0
-  for _ in range(60):  # bisection; expected_tokens is increasing in alpha
+  for _ in range(50):
     mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if expected_tokens(mid, gamma) < target else (lo, mid)
-  return (lo + hi) / 2
+    lo, hi = (mid, hi) if value(mid) < target else (lo, mid)
+  return ((lo + hi) / 2,) + rest
+
+
+def acceptance_from_tokens(tokens_per_round: float, gamma: int) -> float:
+  """The chain acceptance rate alpha that gives the measured tokens per round."""
+  return fit_first_rank(TokenTree.chain(gamma), (0.0,), tokens_per_round)[0]
 
 
 @dataclasses.dataclass
@@ -51,16 +66,16 @@ class Timings:
 
   batch: int
   context: int
-  target: dict[int, float]  # T new tokens -> target forward time
-  draft: dict[int, float]  # gamma -> one draft step (T=1, pending gamma) time
+  target: dict[int, float]  # n new tokens -> target forward time
+  draft: dict[TokenTree, float]  # tree -> one draft level (its widest) time
 
-  def round_time(self, gamma: int) -> float:
-    return gamma * self.draft[gamma] + self.target[gamma + 1]
+  def round_time(self, tree: TokenTree) -> float:
+    drafting = tree.max_depth * self.draft[tree] if tree.max_depth else 0.0
+    return drafting + self.target[tree.size]
 
-  def predicted_speedup(self, alpha: float, gamma: int) -> float:
-    if gamma == 0:
-      return 1.0
-    return expected_tokens(alpha, gamma) * self.target[1] / self.round_time(gamma)
+  def predicted_speedup(self, tree: TokenTree, accept) -> float:
+    tokens = 1.0 + (sequoia.expected_accepted(tree, accept) if tree.max_depth else 0.0)
+    return tokens * self.target[1] / self.round_time(tree)
 
 
 def best_time(fn, *args, repeats: int) -> float:
@@ -75,22 +90,24 @@ def best_time(fn, *args, repeats: int) -> float:
   return best
 
 
-def calibrate(params, cfg: ModelConfig, batch: int, context: int, gammas,
+def calibrate(params, cfg: ModelConfig, batch: int, context: int, trees,
               spec_template: drafts.SpecConfig, *, repeats: int = 3, draft_params=None,
               cache_sharding=None) -> Timings:
-  """Time the target over T = 1 and gamma + 1 tokens and one draft step per gamma.
+  """Time the target over 1 and n tokens and one draft level of every tree.
 
-  The target reads a cache of ``context`` slots whose rows hold ``context - max(gamma)
-  - 1`` valid (random) positions: forward time depends on the shapes and lengths, not
-  the values. The draft step is the one ``spec_template`` describes: the target over
-  its sparse window (streaming, SnapKV) or the draft model over its ring.
+  The target reads a cache of ``context`` slots whose rows hold ``context - n_max``
+  valid (random) positions: forward time depends on the shapes and lengths, not the
+  values. The draft level is the one ``spec_template`` describes: the target over its
+  sparse window (streaming, SnapKV) or the draft model over its ring, feeding the
+  tree's widest level with a round buffer of every node.
 
   Args:
+    trees: TokenTrees (``TokenTree.chain(gamma)`` for chains).
     draft_params: the draft model's weights when ``spec_template.draft_cfg`` is set.
     cache_sharding: a KVCache of shardings for the target cache (multi-device).
   """
-  gammas = sorted(set(int(g) for g in gammas if g > 0))
-  length = max(context - max(gammas, default=0) - 1, 1)
+  trees = list(dict.fromkeys(trees))
+  length = max(context - max((t.size for t in trees), default=1), 1)
   cache = _dummy_cache(cfg, batch, context, length)
   if cache_sharding is not None:
     cache = jax.device_put(cache, cache_sharding)
@@ -100,13 +117,19 @@ def calibrate(params, cfg: ModelConfig, batch: int, context: int, gammas,
     return model_lib.forward(params, cfg, tokens, cache)[0]
 
   timings = Timings(batch=batch, context=context, target={}, draft={})
-  for t in sorted({1} | {g + 1 for g in gammas}):
-    tokens = jnp.zeros((batch, t), jnp.int32)
-    timings.target[t] = best_time(target, params, cache, tokens, repeats=repeats)
-  for g in gammas:
-    spec = dataclasses.replace(spec_template, gamma=g)
-    step, args = _draft_step(params, cfg, cache, spec, batch, context, length, draft_params)
-    timings.draft[g] = best_time(jax.jit(step), *args, repeats=repeats)
+  for n in sorted({1} | {t.size for t in trees}):
+    tokens = jnp.zeros((batch, n), jnp.int32)
+    timings.target[n] = best_time(target, params, cache, tokens, repeats=repeats)
+  measured: dict[tuple[int, int], float] = {}  # (width, nodes) -> seconds
+  for tree in trees:
+    if not tree.max_depth:
+      continue
+    shape = (tree.expand_table.shape[1], tree.size)
+    if shape not in measured:
+      step, args = _draft_level(params, cfg, cache, spec_template, batch, context, length,
+                                draft_params, *shape)
+      measured[shape] = best_time(jax.jit(step), *args, repeats=repeats)
+    timings.draft[tree] = measured[shape]
   return timings
 
 
@@ -116,21 +139,23 @@ def _dummy_cache(cfg: ModelConfig, batch: int, size: int, length: int) -> KVCach
                  lengths=jnp.full((batch,), length, jnp.int32))
 
 
-def _draft_step(params, cfg: ModelConfig, cache: KVCache, spec: drafts.SpecConfig,
-                batch: int, context: int, length: int, draft_params):
-  """One draft step of ``spec`` (T = 1 after a full round buffer): (fn, args)."""
-  g = spec.gamma
-  token = jnp.zeros((batch, 1), jnp.int32)
+def _draft_level(params, cfg: ModelConfig, cache: KVCache, spec: drafts.SpecConfig,
+                 batch: int, context: int, length: int, draft_params, width: int,
+                 nodes: int):
+  """One draft level of ``spec`` (``width`` tokens, a round buffer of ``nodes``):
+  (fn, args)."""
+  tokens = jnp.zeros((batch, width), jnp.int32)
+  offsets = jnp.ones((width,), jnp.int32)
   if spec.draft_cfg is None:  # the target over its window (+ SnapKV's selection)
-    pshape = (cfg.num_layers, batch, g, cfg.num_kv_heads, cfg.head_dim)
     idx = None
     if spec.draft_kv == "snapkv":
       idx = jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, spec.num_selected),
                       jnp.int32)
+    pshape = (cfg.num_layers, batch, nodes, cfg.num_kv_heads, cfg.head_dim)
 
     def step(params, cache, pending, idx):
-      return model_lib.forward(params, cfg, token, cache, offsets=jnp.full((1,), g - 1),
-                               new_mask=jnp.ones((1, g + 1), bool),
+      return model_lib.forward(params, cfg, tokens, cache, offsets=offsets,
+                               new_mask=jnp.ones((width, nodes + width), bool),
                                window=spec.prefix_window, prefix_idx=idx,
                                pending=pending)[0]
 
@@ -139,11 +164,11 @@ def _draft_step(params, cfg: ModelConfig, cache: KVCache, spec: drafts.SpecConfi
   ring = context if spec.window is None else spec.window
   dcache = _dummy_cache(dcfg, batch, ring, min(length, ring))
   slot_pos = jnp.broadcast_to(jnp.arange(ring, dtype=jnp.int32), (batch, ring))
-  pshape = (dcfg.num_layers, batch, g + 1, dcfg.num_kv_heads, dcfg.head_dim)
+  pshape = (dcfg.num_layers, batch, 1 + nodes, dcfg.num_kv_heads, dcfg.head_dim)
 
   def step(draft_params, dcache, pending, slot_pos):
-    return model_lib.forward(draft_params, dcfg, token, dcache, offsets=jnp.full((1,), g),
-                             new_mask=jnp.ones((1, g + 2), bool),
+    return model_lib.forward(draft_params, dcfg, tokens, dcache, offsets=offsets,
+                             new_mask=jnp.ones((width, 1 + nodes + width), bool),
                              window=spec.prefix_window, slot_pos=slot_pos,
                              pending=pending)[0]
 
@@ -154,58 +179,56 @@ def _zeros_kv(shape, dtype) -> NewKV:
   return NewKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
-def choose_gamma(timings: Timings, alpha: float, gammas) -> int:
-  """The gamma with the highest predicted throughput; 0 (autoregressive) when it is
-  among ``gammas`` and no speculation is predicted to pay."""
-  candidates = [g for g in gammas if g == 0 or g in timings.draft]
-  if not candidates:
-    raise ValueError(f"no timings for any of gammas={list(gammas)}; calibrate them first.")
-  return int(max(candidates, key=lambda g: timings.predicted_speedup(alpha, g)))
+def choose(timings: Timings, accept, trees) -> TokenTree:
+  """The tree with the highest predicted throughput (a lone root = autoregressive)."""
+  trees = list(trees)
+  if not trees:
+    raise ValueError("no tree to choose from.")
+  return max(trees, key=lambda t: timings.predicted_speedup(t, accept))
 
 
-class GammaSchedule:
-  """``gamma="auto"``: gamma per (batch, context bucket) from measured timings and the
-  acceptance rate measured so far in the same generation.
+class ShapeSchedule:
+  """``gamma="auto"`` / ``tree="auto"``: the round's tree per (batch, context bucket)
+  from measured timings and the acceptance measured so far in the same generation.
 
   The engine decodes in segments (a context bucket, or a few rounds); before each it
-  asks :meth:`choose` for the bucket's gamma and afterwards reports what the segment
-  produced to :meth:`observe`. Until a speculative segment has run, the acceptance
-  rate is ``prior_alpha``; the first choice is never 0, so the estimate always starts
-  from a measurement.
+  asks :meth:`choose` for the bucket's tree and afterwards reports what the segment
+  produced to :meth:`observe`, which refits the vector's rank-0 entry
+  (:func:`fit_first_rank`). Until a speculative segment has run, ``prior`` is used and
+  the choice is never plain decoding, so the estimate starts from a measurement.
 
   Args:
     timings: context bucket -> Timings (calibrated lazily, e.g. cached by the engine).
-    gammas: the compiled choices (0 = autoregressive allowed).
+    trees: the compiled choices (``TokenTree.chain(0)`` = autoregressive allowed).
+    prior: the positional acceptance vector to start from.
   """
 
-  def __init__(self, timings, gammas, prior_alpha: float = 0.7):
-    self.gammas = tuple(sorted(set(int(g) for g in gammas)))
-    if not self.gammas or self.gammas[0] < 0:
-      raise ValueError(f"gamma choices must be >= 0 and not empty; got {gammas}.")
+  def __init__(self, timings, trees, prior=(0.7,)):
+    self.trees = tuple(dict.fromkeys(trees))
+    if not self.trees:
+      raise ValueError("a schedule needs at least one tree to choose from.")
     self._timings = timings
-    self._prior = prior_alpha
-    self._weighted = 0.0  # sum of alpha estimates weighted by row-rounds
+    self._prior = tuple(float(a) for a in prior)
+    self._weighted = 0.0  # sum of rank-0 fits weighted by row-rounds
     self._row_rounds = 0
 
   @property
-  def alpha(self) -> float:
-    return self._weighted / self._row_rounds if self._row_rounds else self._prior
+  def accept(self) -> tuple[float, ...]:
+    if not self._row_rounds:
+      return self._prior
+    return (self._weighted / self._row_rounds,) + self._prior[1:]
 
-  def choose(self, context: int) -> int:
-    choices = self.gammas
-    if not self._row_rounds and max(choices) > 0:
-      choices = tuple(g for g in choices if g > 0)
-    return choose_gamma(self._timings(context), self.alpha, choices)
+  def choose(self, context: int) -> TokenTree:
+    choices = self.trees
+    if not self._row_rounds and any(t.max_depth for t in choices):
+      choices = tuple(t for t in choices if t.max_depth)
+    return choose(self._timings(context), self.accept, choices)
 
-  def observe(self, gamma: int, tokens: int, row_rounds: int) -> None:
-    """A segment at ``gamma`` gained ``tokens`` over ``row_rounds`` active row-rounds."""
-    if gamma == 0 or row_rounds == 0:
+  def observe(self, tree: TokenTree, tokens: int, row_rounds: int) -> None:
+    """A segment drafting ``tree`` gained ``tokens`` over ``row_rounds`` active
+    row-rounds."""
+    if not tree.max_depth or not row_rounds:
       return
-    alpha = acceptance_from_tokens(tokens / row_rounds, gamma)
-    self._weighted += alpha * row_rounds
+    a0 = fit_first_rank(tree, self._prior, tokens / row_rounds)[0]
+    self._weighted += a0 * row_rounds
     self._row_rounds += row_rounds
-
-
-def summary(timings: Timings, alpha: float, gammas) -> dict[int, float]:
-  return {int(g): timings.predicted_speedup(alpha, g) for g in gammas}
-

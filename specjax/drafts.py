@@ -49,6 +49,7 @@ from specjax.attention import Window
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache, NewKV, RingCache
 from specjax.params import check_params
+from specjax.tree import TokenTree
 
 DRAFT_KV_POLICIES = ("streaming", "snapkv")
 # SnapKV's 1-D max-pool over positions: a chosen position brings its neighbours, which
@@ -61,7 +62,9 @@ class SpecConfig:
   """How a round drafts (static under jit).
 
   Attributes:
-    gamma: drafted tokens per round; 0 is plain autoregressive decoding.
+    gamma: drafted tokens per round as a chain; 0 is plain autoregressive decoding.
+    tree: draft a token tree of this shape instead of a chain (``gamma`` must then be
+      0); ``shape`` is the tree a round drafts either way.
     draft_kv: the self-speculation draft's view of the prefix: "streaming" = sinks +
       recent window; "snapkv" = positions selected at prefill + recent window. A draft
       model always uses "streaming" (its ring cache).
@@ -80,10 +83,14 @@ class SpecConfig:
   window: int | None = 512
   obs_window: int = 32
   draft_cfg: ModelConfig | None = None
+  tree: TokenTree | None = None
 
   def __post_init__(self):
     if self.gamma < 0:
       raise ValueError(f"gamma={self.gamma} must be >= 0.")
+    if self.tree is not None and self.gamma:
+      raise ValueError(f"gamma={self.gamma} and a tree: a round drafts one or the other"
+                       " (a chain of gamma drafts is TokenTree.chain(gamma)).")
     if self.draft_kv not in DRAFT_KV_POLICIES:
       raise ValueError(f"draft_kv={self.draft_kv!r}; available: {DRAFT_KV_POLICIES}.")
     if self.window is None:
@@ -98,18 +105,28 @@ class SpecConfig:
       if self.draft_kv != "streaming":
         raise ValueError(f"draft_kv={self.draft_kv!r} with a draft model; its cache is a"
                          " sinks + window ring (draft_kv='streaming').")
-      if self.gamma and self.window - self.sinks < self.gamma + 1:
+      most = self.shape.max_depth + 1
+      if self.speculative and self.window - self.sinks < most:
         raise ValueError(
             f"window={self.window} leaves {self.window - self.sinks} ring slots after"
-            f" {self.sinks} sinks, fewer than the gamma + 1 = {self.gamma + 1} tokens a"
-            f" round appends; use window >= sinks + gamma + 1 = "
-            f"{self.sinks + self.gamma + 1}.")
+            f" {self.sinks} sinks, fewer than the {most} tokens a round may append; use"
+            f" window >= {self.sinks + most}.")
     elif self.draft_kv == "snapkv" and not (
         self.obs_window >= 1 and self.sinks + self.obs_window < self.window):
       raise ValueError(
           f"draft_kv='snapkv' keeps window - obs_window = {self.window - self.obs_window}"
           f" selected positions, sinks ({self.sinks}) included; need obs_window >= 1 and"
           f" window > sinks + obs_window ({self.sinks + self.obs_window}).")
+
+  @property
+  def shape(self) -> TokenTree:
+    """The tree a round drafts: ``tree``, or the chain of ``gamma`` drafts."""
+    return TokenTree.chain(self.gamma) if self.tree is None else self.tree
+
+  @property
+  def speculative(self) -> bool:
+    """False for autoregressive decoding (a lone root: nothing drafted)."""
+    return self.shape.size > 1
 
   @property
   def prefix_window(self) -> Window | None:
@@ -156,8 +173,8 @@ class DraftModelState:
 
   ring: RingCache  # [Ld, B, Kd, R, Dd]
   last: jax.Array  # i32[B]
-  round_kv: NewKV  # [Ld, B, gamma + 1, Kd, Dd]: draft KV of last, x_0, d_1..d_{gamma-1}
-  round_tokens: jax.Array  # i32[B, gamma + 1]: x_0, d_1..d_gamma (positions lengths + i)
+  round_kv: NewKV  # [Ld, B, 1 + n, Kd, Dd]: draft KV of last, then of tree node u at 1 + u
+  round_tokens: jax.Array  # i32[B, n]: the round's tree, node 0 = the pending token
 
 
 def check(spec: SpecConfig, cfg: ModelConfig, draft_params) -> None:
@@ -288,29 +305,31 @@ def _draft_model_state(spec: SpecConfig, prefill: KVCache, lengths: jax.Array,
                        last: jax.Array) -> DraftModelState:
   """The draft's ring after prefill: every prompt position but the last (see the
   DraftModelState invariant), sinks + the latest window of them."""
-  dcfg = spec.draft_cfg
   size = prefill.size if spec.window is None else spec.window
   ring = kv_cache.ring_from_cache(prefill, lengths - 1, _ring_sinks(spec), size)
-  B, G = lengths.shape[0], spec.gamma
-  shape = (dcfg.num_layers, B, G + 1, dcfg.num_kv_heads, dcfg.head_dim)
-  return DraftModelState(
-      ring=ring, last=last.astype(jnp.int32),
-      round_kv=NewKV(k=jnp.zeros(shape, prefill.k.dtype), v=jnp.zeros(shape, prefill.v.dtype)),
-      round_tokens=jnp.zeros((B, G + 1), jnp.int32))
+  return _with_round_buffers(DraftModelState(ring=ring, last=last.astype(jnp.int32),
+                                             round_kv=None, round_tokens=None), spec)
 
 
-def for_gamma(state, spec: SpecConfig):
-  """The draft state for rounds of ``spec.gamma`` drafts (``gamma="auto"`` changes it
-  between rounds). Only a draft model's round buffers have a gamma-sized shape; they
-  hold nothing between rounds (see DraftModelState), so they are simply reallocated."""
-  if not isinstance(state, DraftModelState) or state.round_tokens.shape[1] == spec.gamma + 1:
+def for_round(state, spec: SpecConfig):
+  """The draft state for rounds of ``spec.shape`` (``gamma="auto"`` and adaptive trees
+  change it between rounds). Only a draft model's round buffers have a shape that
+  depends on the tree; they hold nothing between rounds (see DraftModelState), so they
+  are simply reallocated."""
+  if not isinstance(state, DraftModelState) or \
+      state.round_tokens.shape[1] == spec.shape.size:
     return state
-  Ld, B, _, Kd, Dd = state.round_kv.k.shape
-  shape = (Ld, B, spec.gamma + 1, Kd, Dd)
-  return dataclasses.replace(
-      state, round_kv=NewKV(k=jnp.zeros(shape, state.round_kv.k.dtype),
-                            v=jnp.zeros(shape, state.round_kv.v.dtype)),
-      round_tokens=jnp.zeros((B, spec.gamma + 1), jnp.int32))
+  return _with_round_buffers(state, spec)
+
+
+def _with_round_buffers(state: DraftModelState, spec: SpecConfig) -> DraftModelState:
+  dcfg, n = spec.draft_cfg, spec.shape.size
+  B = state.last.shape[0]
+  shape = (dcfg.num_layers, B, 1 + n, dcfg.num_kv_heads, dcfg.head_dim)
+  dtype = state.ring.k.dtype
+  return dataclasses.replace(state, round_kv=NewKV(k=jnp.zeros(shape, dtype),
+                                                   v=jnp.zeros(shape, dtype)),
+                             round_tokens=jnp.zeros((B, n), jnp.int32))
 
 
 def _ring_sinks(spec: SpecConfig) -> int:
@@ -320,126 +339,195 @@ def _ring_sinks(spec: SpecConfig) -> int:
 def propose(params, cfg: ModelConfig, cache: KVCache, state, pending: jax.Array,
             key: jax.Array, spec: SpecConfig, sp: sampling.SamplingParams,
             draft_params=None):
-  """Draft ``spec.gamma`` tokens after each row's pending token.
+  """Draft a tree of shape ``spec.shape`` (a chain is a one-branch tree) rooted at
+  each row's pending token.
 
   Args:
     params, cfg, cache: the target's (self-speculation reads them).
     state: the draft state (:func:`init_state`).
-    pending: i32[B] each row's accepted token not yet in the target cache.
+    pending: i32[B] each row's accepted token not yet in the target cache: the root.
     draft_params: the draft model's weights (draft-model methods only).
 
   Returns:
-    drafts i32[B, gamma], their distributions f32[B, gamma, V], and the draft state.
+    tokens i32[B, n] (node 0 = pending), q f32[B, n, V] the draft distribution each
+    node's children were drawn from (zeros at leaves), and the draft state.
   """
   if spec.draft_cfg is not None:
     return draft_model(draft_params, state, pending, key, spec, sp)
   prefix_idx = state.prefix_idx if spec.draft_kv == "snapkv" else None
-  drafted, q = draft_self(params, cfg, cache, pending, key, spec, sp, prefix_idx=prefix_idx)
-  return drafted, q, state
+  tokens, q = draft_self(params, cfg, cache, pending, key, spec, sp, prefix_idx=prefix_idx)
+  return tokens, q, state
 
 
-def after_verify(state, spec: SpecConfig, cache: KVCache, n_kept: jax.Array):
-  """Update the draft state once the target committed ``n_kept[b]`` tokens per row
-  (0 for rows that have stopped)."""
+def after_verify(state, spec: SpecConfig, cache: KVCache, n_kept: jax.Array,
+                 path: jax.Array):
+  """Update the draft state once the target committed ``n_kept[b]`` tokens per row (0
+  for rows that have stopped): the pending token and the accepted drafts, the tree
+  nodes ``path[b, :n_kept[b]]``."""
   del cache
   if spec.draft_cfg is None:
     return state
-  # The round's inputs last, x_0, d_1.. sit at positions ring.lengths + i: keeping the
-  # first n_kept of them leaves the new last committed token without draft KV again.
-  ring = kv_cache.ring_commit(state.ring, state.round_kv, n_kept, _ring_sinks(spec))
-  new_last = jnp.take_along_axis(state.round_tokens, jnp.maximum(n_kept - 1, 0)[:, None],
+  # The accepted inputs last, root, path[1], .. sit at positions ring.lengths + i:
+  # keeping the first n_kept of them leaves the new last committed token (path
+  # node n_kept - 1) without draft KV again.
+  path = jnp.maximum(path, 0)
+  slots = jnp.concatenate([jnp.zeros_like(path[:, :1]), 1 + path], axis=1)  # [B, D + 2]
+  kept = jax.tree.map(lambda x: jax.vmap(lambda r, s: jnp.take(r, s, axis=1), (1, 0), 1)(
+      x, slots), state.round_kv)
+  ring = kv_cache.ring_commit(state.ring, kept, n_kept, _ring_sinks(spec))
+  path_tokens = jnp.take_along_axis(state.round_tokens, path, axis=1)
+  new_last = jnp.take_along_axis(path_tokens, jnp.maximum(n_kept - 1, 0)[:, None],
                                  axis=1)[:, 0]
   return dataclasses.replace(state, ring=ring,
                              last=jnp.where(n_kept > 0, new_last, state.last))
 
 
-def _draw(key: jax.Array, logits: jax.Array, sp: sampling.SamplingParams):
-  """One draft token per row and the distribution it came from (f32[B, V])."""
+def rank_children(key: jax.Array, logits: jax.Array, q: jax.Array, k: int,
+              sp: sampling.SamplingParams) -> jax.Array:
+  """i32[B, W, k]: each node's k children in rank order: the draft's k most likely
+  tokens when greedy, k samples without replacement from q otherwise (Sequoia)."""
+  if sp.greedy:
+    return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
+  return sampling.sample_without_replacement(key, q, k)
+
+
+def _grow(tree: TokenTree, tokens, q_nodes, nodes, logits, key, sp):
+  """Record the draft distribution at ``nodes`` (i32[W], -1 = padding) and propose
+  their children. tokens i32[B, n], q_nodes f32[B, n, V]; logits f32[B, W, V]."""
+  n = tree.size
   q = sampling.probabilities(logits, sp)
-  return jax.random.categorical(key, jnp.log(q), axis=-1).astype(jnp.int32), q
+  at = jnp.where(nodes >= 0, nodes, n)  # padding writes are dropped
+  q_nodes = q_nodes.at[:, at].set(q, mode="drop")
+  kids = jnp.asarray(tree.child_table)[jnp.maximum(nodes, 0)]  # [W, K]
+  kids = jnp.where((nodes >= 0)[:, None] & (kids >= 0), kids, n)
+  cand = rank_children(key, logits, q, tree.max_children, sp)  # [B, W, K]
+  tokens = tokens.at[:, kids].set(cand, mode="drop")
+  return tokens, q_nodes
+
+
+def _level_masks(tree: TokenTree, first_slot: int, n_slots: int) -> np.ndarray:
+  """bool[D, W, n_slots + W]: for drafting level d, which round-buffer slots (node u
+  at ``first_slot + u``; slots below ``first_slot`` always visible) and which of the
+  level's own W tokens each of its tokens sees: its ancestors, and itself."""
+  table = tree.expand_table
+  D, W = table.shape
+  masks = np.zeros((D, W, n_slots + W), bool)
+  masks[:, :, :first_slot] = True
+  for d in range(D):
+    for w, u in enumerate(table[d]):
+      if u >= 0:
+        masks[d, w, first_slot:first_slot + tree.size] = tree.ancestor_mask[u]
+        masks[d, w, first_slot + u] = False  # itself: among the new tokens
+      masks[d, w, n_slots + w] = True
+  return masks
+
+
+def _draft_levels(run, tree: TokenTree, tokens, q_nodes, buf, key, sp, first_slot: int,
+                  first_level: int, offset: int):
+  """Levels ``first_level..max_depth - 1`` of tree drafting, one draft forward each
+  over the level's expanding nodes (``lax.scan``: equal shapes at every level).
+
+  Args:
+    run: (tokens i32[B, W], offsets i32[W], new_mask, pending NewKV) ->
+      (logits f32[B, W, V], NewKV of the W tokens).
+    buf: the round buffer (pending KV), node u at slot ``first_slot + u``.
+    offset: position offset of depth 0 (relative to the cache's lengths).
+  """
+  table = tree.expand_table
+  D, W = table.shape
+  if first_level >= D:
+    return tokens, q_nodes, buf
+  n_slots = buf.k.shape[2]
+  masks = jnp.asarray(_level_masks(tree, first_slot, n_slots))
+
+  def level(carry, d):
+    tokens, q_nodes, buf, key = carry
+    nodes = jnp.asarray(table)[d]  # [W]
+    inputs = jnp.take(tokens, jnp.maximum(nodes, 0), axis=1)
+    logits, new = run(inputs, jnp.full((W,), offset, jnp.int32) + d, masks[d], buf)
+    slots = jnp.where(nodes >= 0, first_slot + nodes, n_slots)
+    buf = jax.tree.map(lambda b, x: b.at[:, :, slots].set(x, mode="drop"), buf, new)
+    key, sub = jax.random.split(key)
+    tokens, q_nodes = _grow(tree, tokens, q_nodes, nodes, logits, sub, sp)
+    return (tokens, q_nodes, buf, key), None
+
+  (tokens, q_nodes, buf, _), _ = jax.lax.scan(level, (tokens, q_nodes, buf, key),
+                                              jnp.arange(first_level, D))
+  return tokens, q_nodes, buf
+
+
+def _empty_round(first: jax.Array, n: int, vocab: int):
+  tokens = jnp.zeros((first.shape[0], n), jnp.int32).at[:, 0].set(first)
+  return tokens, jnp.zeros((first.shape[0], n, vocab), jnp.float32)
 
 
 def draft_self(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, key: jax.Array,
                spec: SpecConfig, sp: sampling.SamplingParams,
                prefix_idx: jax.Array | None = None,
                ) -> tuple[jax.Array, jax.Array]:
-  """Self-speculation: gamma draft steps of the target over a sparse prefix.
+  """Self-speculation: the target over a sparse prefix drafts the tree level by level.
+
+  Level d runs the expanding nodes at depth d at positions ``lengths + d``; they see
+  the sparse prefix, their ancestors' draft KV (the round buffer, ``pending``) and
+  themselves::
+
+    target cache                        round buffer (node u at slot u)   itself
+    [sinks][ .. skipped .. ][recent]    ancestors of the node             node
+    [selected (SnapKV)]     [recent]
 
   Args:
-    first: i32[B] the pending token (accepted, not yet in the cache): draft input x_0.
+    first: i32[B] the pending token (accepted, not yet in the cache): the root.
     prefix_idx: i32[L, B, K, n] SnapKV's kept positions, or None for streaming.
 
   Returns:
-    drafts i32[B, gamma] and the distributions they were drawn from f32[B, gamma, V].
+    tokens i32[B, n] and q f32[B, n, V] (see :func:`propose`).
   """
-  B = first.shape[0]
-  G = spec.gamma
-  shape = (cfg.num_layers, B, G, cfg.num_kv_heads, cfg.head_dim)
-  pending = NewKV(k=jnp.zeros(shape, cache.k.dtype), v=jnp.zeros(shape, cache.v.dtype))
-
-  def step(carry, j):
-    tok, pending, key = carry
-    mask = jnp.concatenate([(jnp.arange(G) < j)[None, :], jnp.ones((1, 1), bool)], axis=1)
-    logits, new = model_lib.forward(params, cfg, tok[:, None], cache,
-                                    offsets=j[None].astype(jnp.int32), new_mask=mask,
-                                    window=spec.prefix_window, prefix_idx=prefix_idx,
-                                    pending=pending)
-    pending = NewKV(k=jax.lax.dynamic_update_slice_in_dim(pending.k, new.k, j, axis=2),
-                    v=jax.lax.dynamic_update_slice_in_dim(pending.v, new.v, j, axis=2))
-    key, sub = jax.random.split(key)
-    d, q = _draw(sub, logits[:, 0], sp)
-    return (d, pending, key), (d, q)
-
-  _, (drafts, q) = jax.lax.scan(step, (first, pending, key), jnp.arange(G))
-  return drafts.T, jnp.swapaxes(q, 0, 1)
+  tree = spec.shape
+  B, n = first.shape[0], tree.size
+  shape = (cfg.num_layers, B, n, cfg.num_kv_heads, cfg.head_dim)
+  buf = NewKV(k=jnp.zeros(shape, cache.k.dtype), v=jnp.zeros(shape, cache.v.dtype))
+  run = lambda tokens, offsets, mask, pending: model_lib.forward(
+      params, cfg, tokens, cache, offsets=offsets, new_mask=mask,
+      window=spec.prefix_window, prefix_idx=prefix_idx, pending=pending)
+  tokens, q_nodes = _empty_round(first, n, cfg.vocab_size)
+  tokens, q_nodes, _ = _draft_levels(run, tree, tokens, q_nodes, buf, key, sp,
+                                     first_slot=0, first_level=0, offset=0)
+  return tokens, q_nodes
 
 
 def draft_model(draft_params, state: DraftModelState, first: jax.Array, key: jax.Array,
                 spec: SpecConfig, sp: sampling.SamplingParams
                 ) -> tuple[jax.Array, jax.Array, DraftModelState]:
-  """A separate draft model: gamma steps over its own ring cache.
+  """A separate draft model drafts the tree level by level over its own ring cache.
 
-  Step 0 feeds two tokens, the last committed one (whose draft KV is missing, see
-  DraftModelState) and the pending one x_0; step j >= 1 feeds d_j. The ring is only
-  read: the round's draft KV waits in ``round_kv`` until :func:`after_verify` knows
-  how much of it the target accepted, so rejected drafts never evict anything::
+  The first forward feeds two tokens, the last committed one (whose draft KV is
+  missing, see DraftModelState) and the root (the pending token); level d >= 1 feeds
+  its expanding nodes. The ring is only read: the round's draft KV waits in
+  ``round_kv`` until :func:`after_verify` knows which path the target accepted, so
+  rejected drafts never evict anything::
 
-    ring (sinks + window)       round_kv (pending)          itself
-    positions < lengths         last, x_0, d_1..d_{j-1}     d_j
+    ring (sinks + window)       round_kv (last, then node u at slot 1 + u)   itself
+    positions < lengths         last + the node's ancestors                  node
 
   Returns:
-    drafts i32[B, gamma], their distributions f32[B, gamma, V], and the state with
-    this round's KV and tokens.
+    tokens i32[B, n], q f32[B, n, V] (see :func:`propose`), and the state with this
+    round's KV and tokens.
   """
-  dcfg = spec.draft_cfg
+  dcfg, tree = spec.draft_cfg, spec.shape
   ring = state.ring
-  B, G = first.shape[0], spec.gamma
+  B, n = first.shape[0], tree.size
   view = ring.as_kv_cache()
-  run = lambda tokens, **kw: model_lib.forward(draft_params, dcfg, tokens, view,
-                                               window=spec.prefix_window, slot_pos=ring.pos,
-                                               **kw)
-  logits, new = run(jnp.stack([state.last, first], axis=1),
-                    logits_at=jnp.ones((B, 1), jnp.int32))
-  buf = jax.tree.map(lambda z, n: jax.lax.dynamic_update_slice_in_dim(z, n, 0, axis=2),
+  run = lambda tokens, offsets, mask, pending: model_lib.forward(
+      draft_params, dcfg, tokens, view, window=spec.prefix_window, slot_pos=ring.pos,
+      offsets=offsets, new_mask=mask, pending=pending)
+  logits, new = model_lib.forward(draft_params, dcfg, jnp.stack([state.last, first], axis=1),
+                                  view, window=spec.prefix_window, slot_pos=ring.pos,
+                                  logits_at=jnp.ones((B, 1), jnp.int32))
+  buf = jax.tree.map(lambda z, x: jax.lax.dynamic_update_slice_in_dim(z, x, 0, axis=2),
                      state.round_kv, new)
+  tokens, q_nodes = _empty_round(first, n, dcfg.vocab_size)
   key, sub = jax.random.split(key)
-  d1, q1 = _draw(sub, logits[:, 0], sp)
-
-  def step(carry, j):  # feeds d_j at position ring.lengths + j + 1 (buffer entry j + 1)
-    tok, buf, key = carry
-    mask = jnp.concatenate([(jnp.arange(G + 1) <= j)[None, :], jnp.ones((1, 1), bool)],
-                           axis=1)
-    logits, new = run(tok[:, None], offsets=(j + 1)[None].astype(jnp.int32),
-                      new_mask=mask, pending=buf)
-    buf = jax.tree.map(lambda z, n: jax.lax.dynamic_update_slice_in_dim(z, n, j + 1, axis=2),
-                       buf, new)
-    key, sub = jax.random.split(key)
-    d, q = _draw(sub, logits[:, 0], sp)
-    return (d, buf, key), (d, q)
-
-  (_, buf, _), (ds, qs) = jax.lax.scan(step, (d1, buf, key), jnp.arange(1, G))
-  drafted = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [B, G]
-  q = jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)  # [B, G, V]
-  state = dataclasses.replace(state, round_kv=buf,
-                              round_tokens=jnp.concatenate([first[:, None], drafted], 1))
-  return drafted, q, state
+  tokens, q_nodes = _grow(tree, tokens, q_nodes, jnp.zeros((1,), jnp.int32), logits, sub, sp)
+  tokens, q_nodes, buf = _draft_levels(run, tree, tokens, q_nodes, buf, key, sp,
+                                       first_slot=1, first_level=1, offset=1)
+  return tokens, q_nodes, dataclasses.replace(state, round_kv=buf, round_tokens=tokens)

@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax import cost_model, drafts, kv_cache, memory, model as model_lib, sampling, verify
+from specjax import cost_model, drafts, kv_cache, memory, model as model_lib, sampling, sequoia
+from specjax import verify
 from specjax import sharding as sharding_lib
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache
+from specjax.tree import TokenTree
 
-METHODS = ("autoregressive", "magicdec", "magicdec_draft")
+METHODS = ("autoregressive", "magicdec", "magicdec_draft", "sequoia")
 DEFAULT_PREFILL_CHUNK = 512
 _CACHE_ALIGN = 128
 
@@ -43,10 +45,11 @@ class GenerateStats:
   decode_s: float
   decode_steps: int  # target forward passes after prefill (speculation rounds)
   tokens_per_round: float  # mean tokens a generating row gains per round
-  # (kv_limit, gamma, rounds) per on-device decode loop, in order: the context buckets
-  # decoding passed through and, with gamma="auto", the gamma chosen for each.
+  # (kv_limit, drafts per round, rounds) per on-device decode loop, in order: the
+  # context buckets decoding passed through and, with gamma/tree="auto", the shape
+  # chosen for each (drafts per round = gamma for a chain, tree size - 1 for a tree).
   segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
-  calibrate_s: float = 0.0  # gamma="auto": timing the cost model (once per bucket)
+  calibrate_s: float = 0.0  # auto: timing the cost model (once per bucket and process)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -296,38 +299,43 @@ def _emit(out, num, done, toks, count, max_new, eos):
 
 def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.SpecConfig, sp,
                 draft_params, active, kv_limit):
-  """Draft gamma tokens, verify gamma + 1 in one target forward, commit the accepted.
+  """Draft a token tree (a chain is a one-branch tree; autoregressive decoding the
+  lone root), verify all its nodes in one target forward, commit the accepted path.
 
   Args:
-    pending: i32[B] each row's last accepted token, not yet in the cache.
+    pending: i32[B] each row's last accepted token, not yet in the cache: the root.
     draft_params: the draft model's weights, or None for self-speculation.
     active: bool[B] rows still generating; finished rows still run (static shapes)
       but commit nothing, to the target cache or the draft state.
     kv_limit: cache slots the verify reads (static; >= every row's length).
 
   Returns:
-    (cache, draft_state, tokens i32[B, gamma + 1], count i32[B], next pending i32[B])
+    (cache, draft_state, tokens i32[B, D + 1], count i32[B], next pending i32[B])
     where row b's new tokens are ``tokens[b, :count[b]]`` (accepted drafts, then the
-    target's token).
+    target's token) and D the tree's depth.
   """
   key_draft, key_verify = jax.random.split(key)
-  B, G = pending.shape[0], spec.gamma
-  if G:
-    drafted, q, draft_state = drafts.propose(params, cfg, cache, draft_state, pending,
-                                             key_draft, spec, sp, draft_params)
+  tree = spec.shape
+  if spec.speculative:
+    nodes, q, draft_state = drafts.propose(params, cfg, cache, draft_state, pending,
+                                           key_draft, spec, sp, draft_params)
   else:
-    drafted = jnp.zeros((B, 0), jnp.int32)
-    q = jnp.zeros((B, 0, cfg.vocab_size), jnp.float32)
-  logits, new = model_lib.forward(params, cfg,
-                                  jnp.concatenate([pending[:, None], drafted], 1), cache,
-                                  kv_limit=kv_limit)
-  n, nxt = verify.verify_chain(key_verify, drafted, q, sampling.probabilities(logits, sp))
+    nodes = pending[:, None]
+    q = jnp.zeros((pending.shape[0], 1, cfg.vocab_size), jnp.float32)
+  # Node u sits at position lengths + depth(u) and sees the prefix and its ancestors.
+  logits, new = model_lib.forward(params, cfg, nodes, cache,
+                                  offsets=jnp.asarray(tree.depths),
+                                  new_mask=jnp.asarray(tree.ancestor_mask), kv_limit=kv_limit)
+  path, n, nxt = verify.verify_tree(key_verify, tree, nodes, q,
+                                    sampling.probabilities(logits, sp))
   keep = jnp.where(active, n + 1, 0)  # the pending token + accepted drafts
-  cache = kv_cache.commit(cache, new, keep)
-  if G:
-    draft_state = drafts.after_verify(draft_state, spec, cache, keep)
-  i = jnp.arange(G + 1)[None, :]
-  padded = jnp.concatenate([drafted, jnp.zeros((B, 1), jnp.int32)], 1)
+  # KV compaction: the accepted path's keys go to contiguous slots after the prefix.
+  cache = kv_cache.commit(cache, new, keep, src=jnp.maximum(path, 0))
+  if spec.speculative:
+    draft_state = drafts.after_verify(draft_state, spec, cache, keep, path)
+  accepted = jnp.take_along_axis(nodes, jnp.maximum(path[:, 1:], 0), axis=1)  # [B, D]
+  padded = jnp.concatenate([accepted, jnp.zeros_like(pending[:, None])], 1)  # [B, D + 1]
+  i = jnp.arange(tree.max_depth + 1)[None, :]
   return cache, draft_state, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
 
 
@@ -406,7 +414,7 @@ class DecodeResult:
   run_s: float
   cache: KVCache
   draft_init_s: float = 0.0  # building the draft state (SnapKV scoring, draft prefill)
-  # One (kv_limit, gamma, rounds) per on-device loop run, in order.
+  # One (kv_limit, drafts per round, rounds) per on-device loop run, in order.
   segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
   calibrate_s: float = 0.0  # gamma="auto": timing the cost model's forwards
 
@@ -417,9 +425,23 @@ class DecodeResult:
 
 
 DECODE_BUCKET = 1024  # decode loops read a power-of-two multiple of this many slots
-AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # gamma="auto" chooses among these
-AUTO_SEGMENT_ROUNDS = 16  # gamma="auto": rounds between re-estimates of the acceptance
+AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # gamma="auto" chooses among these chains
+AUTO_TREE_SIZES = (4, 8, 16, 32, 64)  # tree="auto" chooses among optimal trees of these
+AUTO_TREE_DEPTHS = (2, 4, 8)  # ... sizes (root included) and depth limits
+AUTO_SEGMENT_ROUNDS = 16  # auto: rounds between re-estimates of the acceptance
 AUTO_PROBE_ROUNDS = 4  # ... and before the first one
+
+
+def auto_trees(acceptance, sizes=AUTO_TREE_SIZES, depths=AUTO_TREE_DEPTHS,
+               max_depth: int | None = None) -> tuple[TokenTree, ...]:
+  """``tree="auto"``'s choices: Sequoia's optimal tree for every (size, depth limit),
+  plus the lone root (plain decoding, for where no tree pays)."""
+  trees = {TokenTree.chain(0): None}
+  for n in sizes:
+    for d in depths:
+      if max_depth is None or d <= max_depth:
+        trees[sequoia.optimal_tree(n, min(d, n - 1), acceptance)] = None
+  return tuple(trees)
 
 
 def decode_kv_limit(max_length: int, size: int, bucket: int = DECODE_BUCKET) -> int:
@@ -434,15 +456,16 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
            spec: drafts.SpecConfig = drafts.SpecConfig(), key: jax.Array | None = None,
            eos_ids: tuple[int, ...] = (), mesh=None,
            prompts: Sequence[Sequence[int]] | None = None,
-           draft_params=None, auto_gammas: Sequence[int] | None = None,
+           draft_params=None, auto: Sequence[TokenTree] | None = None,
+           acceptance: Sequence[float] = (0.7,),
            kv_bucket: int | None = None) -> DecodeResult:
   """Continue every row of a prefilled cache, autoregressively or speculatively.
 
   Decoding runs on device as a while loop over rounds; the host steps in only
   between *segments*: when the longest row outgrows the context bucket the loop was
   compiled for (the verify reads a power-of-two multiple of ``kv_bucket`` slots, not
-  the whole cache), and with ``auto_gammas`` every few rounds to re-estimate the
-  acceptance rate and choose the next segment's gamma.
+  the whole cache), and with ``auto`` every few rounds to re-estimate the acceptance
+  and choose the next segment's tree (or chain, or plain decoding).
 
   Args:
     cache: prefilled cache; row b continues after its ``lengths[b]`` tokens. Donated.
@@ -451,14 +474,16 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     first: i32[B] each row's next token (sampled from the prefill logits, or taken
       from the text when benchmarking); it is the first output token.
     max_new: i32[B] tokens per row, ``first`` included.
-    spec: speculation settings; ``gamma=0`` is autoregressive decoding. With
-      ``auto_gammas`` its gamma is ignored (the rest is the draft's template).
+    spec: speculation settings; ``gamma=0`` is autoregressive decoding. With ``auto``
+      its gamma/tree is ignored (the rest is the draft's template).
     key: PRNG key for sampling.
     prompts: the prompt ids that filled ``cache`` (row b: ``lengths[b]`` ids); needed
       by SnapKV (its observation window) and draft models (their own prefill).
     draft_params: the draft model's weights when ``spec.draft_cfg`` is set.
-    auto_gammas: ``gamma="auto"``: choose gamma per (batch, context bucket) among these
-      with the calibrated cost model (``cost_model.GammaSchedule``).
+    auto: ``gamma="auto"`` (chains) / ``tree="auto"``: choose the round's tree per
+      (batch, context bucket) among these with the calibrated cost model
+      (``cost_model.ShapeSchedule``); ``TokenTree.chain(0)`` is plain decoding.
+    acceptance: the schedule's prior positional acceptance vector.
     kv_bucket: the smallest context bucket in slots (default ``DECODE_BUCKET``).
 
   Returns:
@@ -471,24 +496,25 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   key = jax.random.key(0) if key is None else key
   kv_bucket = DECODE_BUCKET if kv_bucket is None else kv_bucket
   schedule, calibrate_s = None, [0.0]
-  if auto_gammas is not None:
-    auto_gammas = tuple(sorted(set(int(g) for g in auto_gammas)))
+  if auto is not None:
+    auto = tuple(dict.fromkeys(auto))
     if spec.draft_cfg is not None:  # a draft model's ring must follow every round
-      auto_gammas = tuple(g for g in auto_gammas if g > 0)
-    if not auto_gammas:
-      raise ValueError("auto_gammas has no usable choice (a draft model needs gamma >= 1).")
-    spec = dataclasses.replace(spec, gamma=max(auto_gammas))  # validates the largest
+      auto = tuple(t for t in auto if t.max_depth)
+    if not auto:
+      raise ValueError("auto has no usable tree (a draft model needs drafts each round).")
+    for tree in auto:  # validate every choice now, not mid-generation
+      drafts.SpecConfig(**{**_fields(spec), "gamma": 0, "tree": tree})
+    spec = dataclasses.replace(spec, gamma=0, tree=max(auto, key=lambda t: t.size))
 
     def timings(limit):
-      t, seconds = _calibration(params, cfg, B, limit, auto_gammas, spec, draft_params,
-                                mesh)
+      t, seconds = _calibration(params, cfg, B, limit, auto, spec, draft_params, mesh)
       calibrate_s[0] += seconds
       return t
 
-    schedule = cost_model.GammaSchedule(timings, auto_gammas)
+    schedule = cost_model.ShapeSchedule(timings, auto, prior=acceptance)
   lengths, size = np.asarray(cache.lengths), cache.size
   draft_state, init_compile_s, init_s = None, 0.0, 0.0
-  if spec.gamma:
+  if spec.speculative:
     draft_state, init_compile_s, init_s = _init_draft_state(
         params, cfg, cache, spec, prompts, draft_params, mesh)
   # The loop state is donated: copy what belongs to the caller (the cache is donated).
@@ -513,10 +539,10 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     stop = np.iinfo(np.int32).max
     seg_spec = spec
     if schedule is not None:
-      seg_spec = dataclasses.replace(spec, gamma=schedule.choose(limit))
+      seg_spec = dataclasses.replace(spec, tree=schedule.choose(limit))
       stop = rounds_before + (AUTO_SEGMENT_ROUNDS if segments else AUTO_PROBE_ROUNDS)
-      if seg_spec.gamma:
-        state.draft = drafts.for_gamma(state.draft, seg_spec)
+      if seg_spec.speculative:
+        state.draft = drafts.for_round(state.draft, seg_spec)
         if shardings is not None:
           state.draft = jax.device_put(state.draft, rep)
     fn = functools.partial(_decode_segment, cfg=cfg, sp=sp, spec=seg_spec,
@@ -535,9 +561,9 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     lengths, num, done_rows, rounds, row_rounds = jax.device_get(
         (state.cache.lengths, state.num, state.done, state.rounds, state.row_rounds))
     run_s += time.perf_counter() - t0
-    segments.append((limit, seg_spec.gamma, int(rounds) - rounds_before))
+    segments.append((limit, seg_spec.shape.size - 1, int(rounds) - rounds_before))
     if schedule is not None:
-      schedule.observe(seg_spec.gamma, int((num - num_before).sum()),
+      schedule.observe(seg_spec.shape, int((num - num_before).sum()),
                        int(row_rounds) - row_rounds_before)
     done = bool(done_rows.all())
   out, num = jax.device_get((state.out, state.num))
@@ -550,20 +576,24 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
 _TIMINGS: dict[Any, Any] = {}
 
 
-def _calibration(params, cfg: ModelConfig, batch: int, context: int, gammas, spec,
+def _fields(spec: drafts.SpecConfig) -> dict[str, Any]:
+  return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+
+
+def _calibration(params, cfg: ModelConfig, batch: int, context: int, trees, spec,
                  draft_params, mesh):
   """``cost_model.calibrate`` for one (batch, context bucket), once per process.
 
   Returns:
     (Timings, seconds spent now).
   """
-  key = (cfg, batch, context, tuple(gammas), dataclasses.replace(spec, gamma=0),
+  key = (cfg, batch, context, tuple(trees), dataclasses.replace(spec, tree=None),
          _mesh_key(mesh))
   if key in _TIMINGS:
     return _TIMINGS[key], 0.0
   t0 = time.perf_counter()
   sh = None if mesh is None else sharding_lib.cache_shardings(cfg, batch, context, mesh)
-  _TIMINGS[key] = cost_model.calibrate(params, cfg, batch, context, gammas, spec,
+  _TIMINGS[key] = cost_model.calibrate(params, cfg, batch, context, trees, spec,
                                        draft_params=draft_params, cache_sharding=sh)
   return _TIMINGS[key], time.perf_counter() - t0
 
@@ -609,31 +639,38 @@ def _init_draft_state(params, cfg: ModelConfig, cache: KVCache, spec: drafts.Spe
 
 def spec_config(method: str, *, gamma: int = 4, draft_kv: str = "streaming",
                 sinks: int = 16, window: int | None = 512, obs_window: int = 32,
-                draft_cfg: ModelConfig | None = None) -> drafts.SpecConfig:
+                draft_cfg: ModelConfig | None = None,
+                tree: TokenTree | None = None) -> drafts.SpecConfig:
   """The speculation settings of a named method.
 
+  "magicdec" drafts a chain with the target itself (streaming or SnapKV prefix),
+  "magicdec_draft" a chain with a draft model, "sequoia" a token ``tree`` with either
+  (the draft model when ``draft_cfg`` is given).
+
   Raises:
-    ValueError: an unknown method, gamma < 1 for a speculative method, a draft model
-      for a self-speculative method or none for "magicdec_draft", and the budget checks
-      of ``drafts.SpecConfig``.
+    ValueError: an unknown method, gamma < 1 for a chain method, no tree for
+      "sequoia", a draft model for "magicdec" or none for "magicdec_draft", and the
+      budget checks of ``drafts.SpecConfig``.
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
   if method == "autoregressive":
     return drafts.SpecConfig(gamma=0)
-  if gamma < 1:
-    raise ValueError(f"method={method!r} needs gamma >= 1; got {gamma}.")
-  if method == "magicdec":
-    if draft_cfg is not None:
-      raise ValueError("method='magicdec' drafts with the target itself; pass the draft"
-                       " model with method='magicdec_draft'.")
-    return drafts.SpecConfig(gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window,
-                             obs_window=obs_window)
-  if draft_cfg is None:
+  if method == "magicdec" and draft_cfg is not None:
+    raise ValueError("method='magicdec' drafts with the target itself; pass the draft"
+                     " model with method='magicdec_draft' (or 'sequoia').")
+  if method == "magicdec_draft" and draft_cfg is None:
     raise ValueError("method='magicdec_draft' needs a draft model (draft_model=...; e.g."
                      " specjax.drafts.truncated_draft(model, num_layers)).")
-  return drafts.SpecConfig(gamma=gamma, draft_kv=draft_kv, sinks=sinks, window=window,
-                           obs_window=obs_window, draft_cfg=draft_cfg)
+  common = dict(draft_kv=draft_kv, sinks=sinks, window=window, obs_window=obs_window,
+                draft_cfg=draft_cfg)
+  if method == "sequoia":
+    if tree is None or tree.size < 2:
+      raise ValueError("method='sequoia' needs a tree of at least 2 nodes (tree=...).")
+    return drafts.SpecConfig(tree=tree, **common)
+  if gamma < 1:
+    raise ValueError(f"method={method!r} needs gamma >= 1; got {gamma}.")
+  return drafts.SpecConfig(gamma=gamma, **common)
 
 
 # ----------------------------------------------------------------------------------
@@ -659,6 +696,9 @@ def generate(model,
              window: int | None = 512,
              obs_window: int = 32,
              draft_model=None,
+             tree: int | str | TokenTree = 16,
+             tree_depth: int = 8,
+             acceptance: Sequence[float] | None = None,
              mesh=None) -> GenerateOutput:
   """Generate continuations for a batch of prompts.
 
@@ -689,25 +729,44 @@ def generate(model,
       cache (plain speculative decoding).
     obs_window: SnapKV's observation window (the last prompt tokens whose attention
       scores the prefix).
-    draft_model: the draft for ``method="magicdec_draft"``: a ``specjax.Model`` with
-      the target's vocabulary (e.g. ``specjax.drafts.truncated_draft(model, k)``).
+    draft_model: the draft for ``method="magicdec_draft"`` (and optionally
+      "sequoia"): a ``specjax.Model`` with the target's vocabulary (e.g.
+      ``specjax.drafts.truncated_draft(model, k)``).
+    tree: ``method="sequoia"``: a ``specjax.tree.TokenTree``; a size n (root
+      included) for Sequoia's optimal tree of depth <= ``tree_depth`` under
+      ``acceptance`` (``specjax.sequoia.optimal_tree``); or "auto": the cost model
+      chooses per context bucket among the optimal trees of ``engine.auto_trees``
+      (sizes 4..64, depth limits up to ``tree_depth``) and plain decoding, refitting
+      the acceptance as it measures it.
+    acceptance: the positional acceptance vector for optimal trees (measure one with
+      ``python -m experiments.acceptance``); default ``sequoia.DEFAULT_ACCEPTANCE``.
     mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
 
   Returns:
     GenerateOutput with per-row generated ids, decoded texts and timings.
   """
-  if draft_model is not None and method != "magicdec_draft":
-    raise ValueError(f"draft_model is only used by method='magicdec_draft'; got"
-                     f" method={method!r}.")
-  auto = gamma == "auto"
-  if not auto and not isinstance(gamma, (int, np.integer)):
+  if draft_model is not None and method not in ("magicdec_draft", "sequoia"):
+    raise ValueError(f"draft_model is only used by method='magicdec_draft' or 'sequoia';"
+                     f" got method={method!r}.")
+  acceptance = tuple(sequoia.DEFAULT_ACCEPTANCE if acceptance is None else acceptance)
+  auto = None
+  if method == "sequoia" and tree == "auto":
+    auto = auto_trees(acceptance, max_depth=tree_depth)
+    tree = max(auto, key=lambda t: t.size)
+  elif method == "sequoia" and not isinstance(tree, TokenTree):
+    tree = sequoia.optimal_tree(int(tree), tree_depth, acceptance)
+  if gamma == "auto":
+    if method in ("autoregressive", "sequoia"):
+      raise ValueError(f"gamma='auto' chooses a chain length; method={method!r} has none"
+                       " (sequoia drafts tree=..., or tree='auto').")
+    auto = tuple(TokenTree.chain(g) for g in auto_gammas)
+    acceptance = (0.7,)  # a chain's vector is its acceptance rate alone
+  elif not isinstance(gamma, (int, np.integer)):
     raise ValueError(f"gamma={gamma!r}; pass an int or 'auto'.")
-  if auto and method == "autoregressive":
-    raise ValueError("gamma='auto' chooses a speculation length; method='autoregressive'"
-                     " has none.")
-  spec = spec_config(method, gamma=max(auto_gammas, default=0) if auto else gamma,
+  spec = spec_config(method, gamma=max(auto_gammas, default=0) if gamma == "auto" else gamma,
                      draft_kv=draft_kv, sinks=sinks, window=window, obs_window=obs_window,
-                     draft_cfg=None if draft_model is None else draft_model.config)
+                     draft_cfg=None if draft_model is None else draft_model.config,
+                     tree=tree if method == "sequoia" else None)
   cfg: ModelConfig = model.config
   drafts.check(spec, cfg, None if draft_model is None else draft_model.params)
   sp = sampling.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -741,7 +800,7 @@ def generate(model,
   first = sampling.sample(key_first, first_logits, sp)
   res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
                key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids, draft_params=draft_params,
-               auto_gammas=auto_gammas if auto else None)
+               auto=auto, acceptance=acceptance)
   out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None

@@ -84,7 +84,7 @@ def init_cache(cfg: ModelConfig, batch: int, size: int, sharding=None) -> KVCach
 def commit(cache: KVCache,
            new: NewKV,
            n_keep: jax.Array,  # i32[B]
-           src: jax.Array | None = None,  # i32[B, T]
+           src: jax.Array | None = None,  # i32[B, T'] (T' <= T)
            ) -> KVCache:
   """Append the kept new tokens of each row after its committed prefix.
 
@@ -96,13 +96,13 @@ def commit(cache: KVCache,
   Returns:
     The cache with the tokens written and ``lengths + n_keep``.
   """
-  L, B, T = new.k.shape[:3]
-  i = jnp.arange(T)[None, :]  # [1, T]
   if src is None:
     k_sel, v_sel = new.k, new.v
   else:
     gather = jax.vmap(lambda x, s: jnp.take(x, s, axis=1), in_axes=(1, 0), out_axes=1)
     k_sel, v_sel = gather(new.k, src), gather(new.v, src)
+  L, B, T = k_sel.shape[:3]
+  i = jnp.arange(T)[None, :]  # [1, T]
   slot = jnp.where(i < n_keep[:, None], cache.lengths[:, None] + i, cache.size)  # [B, T]
   rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
   # Advanced indices on axes 1 and 3 move to the front: updates are [B, T, L, K, D].

@@ -72,3 +72,28 @@ def sample(key: jax.Array, logits: jax.Array, sp: SamplingParams) -> jax.Array:
   if sp.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, filtered_logits(logits, sp), axis=-1).astype(jnp.int32)
+
+
+def sample_without_replacement(key: jax.Array, q: jax.Array, k: int) -> jax.Array:
+  """Draw k distinct tokens i32[..., k] from q f32[..., V], in draw order.
+
+  Sequential sampling without replacement: the first token is drawn from q, each next
+  one from q with the earlier ones removed and renormalised. This is how tree drafting
+  proposes a node's ranked children (Sequoia), and what
+  :func:`specjax.verify.verify_tree` assumes. Done in one shot by Gumbel-top-k: the k
+  largest of ``log q + Gumbel noise`` are such a sample, largest first.
+
+  If k exceeds q's support, the support comes first and the rest are zero-probability
+  tokens, lowest id first (``lax.top_k`` keeps ties in index order); verification
+  treats those as point-mass proposals, which stays lossless.
+
+  Args:
+    key: PRNG key.
+    q: f32[..., V] probabilities (need not be normalised).
+    k: static number of tokens, 0 <= k <= V.
+  """
+  V = q.shape[-1]
+  if not 0 <= k <= V:
+    raise ValueError(f"k={k} distinct tokens cannot be drawn from a vocabulary of {V}.")
+  scores = jnp.log(q.astype(jnp.float32)) + jax.random.gumbel(key, q.shape, jnp.float32)
+  return jax.lax.top_k(scores, k)[1].astype(jnp.int32)

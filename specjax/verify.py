@@ -1,21 +1,152 @@
-"""Lossless verification of a drafted chain (speculative sampling).
+"""Lossless verification of drafted token trees; a chain is a tree with one branch.
 
-Leviathan et al. 2023 (arXiv 2211.17192) and Chen et al. 2023 (arXiv 2302.01318):
-draft token d_i, drawn from the draft distribution q_i, is accepted with probability
-``min(1, p_i(d_i) / q_i(d_i))`` where p_i is the target's distribution at the same
-position; at the first rejection the replacement is drawn from the residual
+**Chains** (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023, arXiv
+2302.01318): draft token d_i, drawn from the draft distribution q_i, is accepted with
+probability ``min(1, p_i(d_i) / q_i(d_i))`` where p_i is the target's distribution at
+the same position; at the first rejection the replacement is drawn from the residual
 ``norm(max(p_i - q_i, 0))``, and if every draft is accepted a bonus token is drawn from
 the target's next distribution. The output then has exactly the target's distribution.
 
+**Trees** (SpecInfer, Miao et al. 2023, arXiv 2305.09781; Sequoia, Chen et al. 2024,
+arXiv 2402.12374): the children of a node u were drawn from the draft distribution q_u
+*without replacement*. Starting at the root with P = p_u, Q = q_u, the verifier tries
+u's children in rank order; child x is accepted with probability ``min(1, P(x) / Q(x))``,
+and on rejection::
+
+  P <- norm(max(P - Q, 0))      the target mass the rejected proposal did not cover
+  Q <- norm(Q with x removed)   the next sibling was drawn without x
+
+If a child is accepted the walk moves to it (P, Q = its p, q); if every child is
+rejected, or u is a leaf, the next token is drawn from the current P. Each step emits
+P exactly: accepting contributes min(P, Q) and rejection (total mass sum max(Q - P, 0)
+= sum max(P - Q, 0)) hands over to a process that emits the new P, which does not
+depend on which x was rejected, so the mixture is min(P, Q) + max(P - Q, 0) = P.
+
+Edge cases, each kept lossless:
+
+* Q exhausted (a node has more children than its draft distribution has support, e.g.
+  a top-k filtered draft, or greedy top-k children under one-hot q): such a child was
+  not drawn from Q but chosen by some rule independent of this round's coins, so it is
+  verified as a draw from the point mass on x: accepted with probability P(x), and on
+  rejection P <- norm(P with x removed). That emits P for any such x. The same rule
+  applies to any child with Q(x) = 0 (possible only if drafts and q disagree).
+* Residual mass 0: max(P - Q, 0) sums to 0 only when P == Q, where a rejection has
+  probability 0; float rounding can still get there, and P is then kept.
+
 Greedy decoding is the same rule with one-hot p and q (``sampling.probabilities`` at
-temperature 0): a draft is accepted iff it equals the target's argmax, and the
-replacement/bonus is the target's argmax. One code path serves both.
+temperature 0): a child is accepted iff it equals the target's argmax (the first child
+by ``Q(x) = 1``, later ones as point masses), and the replacement/bonus is the target's
+argmax. One code path serves greedy and sampling, chains and trees.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from specjax.tree import TokenTree
+
+
+def _take(x: jax.Array, i: jax.Array) -> jax.Array:
+  """x[b, i[b]] for x [B, m, ...] and i i32[B]."""
+  i = i.reshape(i.shape + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(x, i, axis=1)[:, 0]
+
+
+def _proposal(q: jax.Array,  # f32[B, V] current draft distribution (after removals)
+              x: jax.Array,  # i32[B] the child being verified
+              ) -> jax.Array:
+  """f32[B, V]: the distribution x was drawn from: q, or the point mass on x if q(x) = 0."""
+  q_x = _take(q, x)[:, None]
+  return jnp.where(q_x > 0, q, jax.nn.one_hot(x, q.shape[-1], dtype=q.dtype))
+
+
+def _after_rejection(p: jax.Array,  # f32[B, V] current target (residual) distribution
+                     q: jax.Array,  # f32[B, V] current draft distribution
+                     proposal: jax.Array,  # f32[B, V] what x was drawn from (_proposal)
+                     x: jax.Array,  # i32[B] the rejected child
+                     ) -> tuple[jax.Array, jax.Array]:
+  """(P, Q) for the next sibling, after child x was rejected."""
+  residual = jnp.maximum(p - proposal, 0.0)
+  mass = residual.sum(-1, keepdims=True)
+  p = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p)
+  q = jnp.where(jax.nn.one_hot(x, q.shape[-1], dtype=bool), 0.0, q)
+  q_mass = q.sum(-1, keepdims=True)
+  q = q / jnp.where(q_mass > 0, q_mass, 1.0)  # all zero once the support is exhausted
+  return p, q
+
+
+def verify_tree(key: jax.Array,
+                tree: TokenTree,  # static
+                tokens: jax.Array,  # i32[B, n] node tokens; tokens[:, 0] is the root
+                q: jax.Array,  # f32[B, n, V] draft distribution u's children came from
+                p: jax.Array,  # f32[B, n, V] target distribution after node u
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Accept one root-to-node path of each row's token tree and pick the next token.
+
+  Jittable with ``tree`` static; the loops run over the tree's depth and its widest
+  node's children, whatever the row.
+
+  Args:
+    key: PRNG key.
+    tree: the drafted tree's shape, n = tree.size nodes (root included).
+    tokens: the token at each node. The root's (the pending token) is not verified.
+    q: ``q[b, u]`` is the draft distribution the children of node u were drawn from,
+      without replacement, in rank order (unused at leaves).
+    p: ``p[b, u]`` is the target distribution of the token after the path root..u
+      (the verify forward's output at node u).
+
+  Returns:
+    path: i32[B, tree.max_depth + 1], the accepted path's node ids: ``path[:, 0] = 0``
+      (the root), ``path[b, i]`` the accepted node at depth i for i <= n_accepted[b],
+      -1 after that;
+    n_accepted: i32[B] in [0, tree.max_depth], accepted drafts (path length - 1);
+    next_token: i32[B], the target-distributed token after the accepted path (the
+      residual sample where all children were rejected, or the bonus token at a leaf).
+  """
+  if tokens.ndim != 2 or tokens.shape[1] != tree.size:
+    raise ValueError(f"tokens has shape {tokens.shape}; expected [B, {tree.size}] for a"
+                     f" tree of {tree.size} nodes.")
+  B, n = tokens.shape
+  if p.ndim != 3 or p.shape[:2] != (B, n) or q.shape != p.shape:
+    raise ValueError(f"q {q.shape} and p {p.shape} must both be [B={B}, n={n}, V].")
+  D, K = tree.max_depth, tree.max_children
+  table = jnp.asarray(tree.child_table)  # i32[n, K]
+  key_accept, key_next = jax.random.split(key)
+  coins = jax.random.uniform(key_accept, (B, D, K))  # one per (level, rank) tried
+
+  def level(depth, carry):
+    node, stopped, p_res, q_res, path = carry  # i32[B], bool[B], f32[B, V] x 2, path
+
+    def sibling(rank, carry):
+      child, p_res, q_res = carry  # child: i32[B], the accepted one or -1
+      c = table[node, rank]  # i32[B], -1 where node has fewer children
+      live = (c >= 0) & (child < 0) & ~stopped
+      x = _take(tokens, jnp.maximum(c, 0))
+      proposal = _proposal(q_res, x)
+      p_x, q_x = _take(p_res, x), _take(proposal, x)
+      accepted = live & (coins[:, depth, rank] * q_x < p_x)  # u < P/Q, no division
+      p_rej, q_rej = _after_rejection(p_res, q_res, proposal, x)
+      rejected = (live & ~accepted)[:, None]
+      return (jnp.where(accepted, c, child), jnp.where(rejected, p_rej, p_res),
+              jnp.where(rejected, q_rej, q_res))
+
+    child, p_res, q_res = jax.lax.fori_loop(
+        0, K, sibling, (jnp.full((B,), -1, jnp.int32), p_res, q_res))
+    moved = child >= 0
+    node = jnp.where(moved, child, node)
+    p_res = jnp.where(moved[:, None], _take(p, node), p_res)
+    q_res = jnp.where(moved[:, None], _take(q, node), q_res)
+    path = path.at[:, depth + 1].set(child)
+    return node, stopped | ~moved, p_res, q_res, path
+
+  path = jnp.full((B, D + 1), -1, jnp.int32).at[:, 0].set(0)
+  init = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), p[:, 0], q[:, 0], path)
+  # D == 0 (a lone root) skips the loop: its body would index an empty child table.
+  _, _, p_res, _, path = jax.lax.fori_loop(0, D, level, init) if D else init
+  n_accepted = jnp.sum(path[:, 1:] >= 0, axis=1).astype(jnp.int32)
+  next_token = jax.random.categorical(key_next, jnp.log(p_res), axis=-1)
+  return path, n_accepted, next_token.astype(jnp.int32)
 
 
 def verify_chain(key: jax.Array,
@@ -25,24 +156,16 @@ def verify_chain(key: jax.Array,
                  ) -> tuple[jax.Array, jax.Array]:
   """Accept a prefix of each row's drafts and pick the token that follows it.
 
+  :func:`verify_tree` on ``TokenTree.chain(G)``: node i + 1 holds draft i, drawn from
+  q[:, i] at node i.
+
   Returns:
     n_accepted: i32[B] in [0, G], the accepted prefix length;
     next_token: i32[B], the target-distributed token after the accepted prefix
       (the residual sample at the first rejection, or the bonus token).
   """
   B, G = drafts.shape
-  key_accept, key_next = jax.random.split(key)
-  p_d = jnp.take_along_axis(p[:, :G], drafts[..., None], axis=-1)[..., 0]  # [B, G]
-  q_d = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-  u = jax.random.uniform(key_accept, (B, G))
-  accept = u * q_d < p_d  # u < p/q without dividing (q_d > 0 for a sampled draft)
-  n = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # leading accepts
-  p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]  # [B, V]
-  q_pad = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # q_G = 0: bonus = p_G
-  q_n = jnp.take_along_axis(q_pad, n[:, None, None], axis=1)[:, 0]
-  residual = jnp.maximum(p_n - q_n, 0.0)
-  mass = residual.sum(-1, keepdims=True)
-  # mass == 0 only where rejection had probability 0, i.e. never on a rejection path.
-  residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_n)
-  next_token = jax.random.categorical(key_next, jnp.log(residual), axis=-1)
-  return n.astype(jnp.int32), next_token.astype(jnp.int32)
+  tokens = jnp.concatenate([jnp.zeros((B, 1), drafts.dtype), drafts], axis=1)
+  q_nodes = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)  # the leaf's: unused
+  _, n, next_token = verify_tree(key, TokenTree.chain(G), tokens, q_nodes, p)
+  return n, next_token

@@ -28,3 +28,22 @@ def test_launcher_small_grid_writes_results_and_trace(smollm2_path, tmp_path):
     assert cell["tokens_per_s"] > 0
   assert out.with_suffix(".md").read_text().count("| autoregressive |") == 4
   assert list((tmp_path / "prof").rglob("*.xplane.pb")), "no XLA trace was written"
+
+
+def test_launcher_runs_auto_gamma_and_sequoia_trees(smollm2_path, tmp_path):
+  del smollm2_path
+  out = tmp_path / "s.json"
+  cmd = [sys.executable, "-m", "experiments.launch", "--method=magicdec,sequoia",
+         "--gamma=2,auto", "--tree=6,auto", "--tree_depth=4", "--batch=2", "--context=160",
+         "--new_tokens=12", "--repeats=1", "--window=64", f"--out={out}"]
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cells = {c["method"]: c for c in json.loads(out.read_text())["cells"]}
+  assert set(cells) == {"autoregressive", "magicdec/streaming/g2", "magicdec/streaming/gauto",
+                        "sequoia/streaming/n6", "sequoia/streaming/nauto"}
+  for label in ("magicdec/streaming/gauto", "sequoia/streaming/nauto"):
+    assert cells[label]["segments"] and cells[label]["auto_choice"]
+  assert cells["sequoia/streaming/n6"]["predicted_speedup"] > 0
+  assert cells["magicdec/streaming/g2"]["auto_choice"] in ("g0", "g2")
+  assert 1 <= cells["sequoia/streaming/n6"]["mean_accepted"] <= 6

@@ -36,10 +36,11 @@ def test_logits_are_a_sharp_next_token_distribution(smollm2):
 def test_greedy_magicdec_equals_autoregressive_on_long_real_prompts(smollm2):
   """Ragged batch of real standard-library text, the longest row 4096 tokens: every
   draft policy (streaming and SnapKV self-speculation over a 512-position budget, a
-  small draft with a 256-slot ring) changes speed, never tokens."""
+  small draft with a 256-slot ring), as chains and as Sequoia trees, changes speed,
+  never tokens."""
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import workloads  # pylint: disable=g-import-not-at-top
-  from specjax import drafts, engine, kv_cache  # pylint: disable=g-import-not-at-top
+  from specjax import drafts, engine, kv_cache, sequoia  # pylint: disable=g-import-not-at-top
 
   cfg = smollm2.config
   rows = workloads.stdlib_prompts(smollm2.tokenizer, 3, 4096)
@@ -51,19 +52,23 @@ def test_greedy_magicdec_equals_autoregressive_on_long_real_prompts(smollm2):
   cache, last_logits, _ = engine.prefill(smollm2.params, cfg, cache, prompts)
   first = np.asarray(last_logits).argmax(-1)
   draft = drafts.truncated_draft(smollm2, 6)  # untrained stand-in for a small draft
+  tree = sequoia.optimal_tree(12, 4, sequoia.DEFAULT_ACCEPTANCE)
   runs = {
       "autoregressive": (engine.spec_config("autoregressive"), None),
       "streaming": (engine.spec_config("magicdec", gamma=gamma), None),
       "snapkv": (engine.spec_config("magicdec", gamma=gamma, draft_kv="snapkv"), None),
       "draft_ring": (engine.spec_config("magicdec_draft", gamma=gamma, window=256,
                                         draft_cfg=draft.config), draft.params),
+      "tree_streaming": (engine.spec_config("sequoia", tree=tree), None),
+      "tree_draft_ring": (engine.spec_config("sequoia", tree=tree, window=256,
+                                             draft_cfg=draft.config), draft.params),
   }
   results = {}
   for name, (spec, draft_params) in runs.items():
     res = engine.decode(smollm2.params, cfg, jax.tree.map(lambda x: x.copy(), cache), first,
                         max_new=max_new, spec=spec, prompts=prompts, draft_params=draft_params)
     results[name] = [res.tokens[b, :res.num[b]].tolist() for b in range(len(prompts))]
-    if name in ("streaming", "snapkv"):
+    if name in ("streaming", "snapkv", "tree_streaming"):
       assert res.tokens_per_round > 1.5  # the sparse self-draft really is accepted on code
   for name in runs:
     assert results[name] == results["autoregressive"], name

@@ -10,6 +10,7 @@ import pytest
 
 import specjax
 from specjax import cost_model, drafts, engine, sampling, verify
+from specjax.tree import TokenTree
 from specjax.config import tiny_config
 from specjax.params import init_params
 
@@ -84,9 +85,9 @@ def test_greedy_magicdec_stops_rows_at_eos_and_budget(tiny):
 
 def _cycle_gammas(monkeypatch, order, every=2):
   """Make gamma="auto" switch to the next gamma of ``order`` every ``every`` rounds."""
-  gammas = itertools.cycle(order)
-  monkeypatch.setattr(cost_model.GammaSchedule, "choose",
-                      lambda self, context: next(g for g in gammas if g in self.gammas))
+  trees = itertools.cycle([TokenTree.chain(g) for g in order])
+  monkeypatch.setattr(cost_model.ShapeSchedule, "choose",
+                      lambda self, context: next(t for t in trees if t in self.trees))
   monkeypatch.setattr(engine, "AUTO_PROBE_ROUNDS", every)
   monkeypatch.setattr(engine, "AUTO_SEGMENT_ROUNDS", every)
 
@@ -140,6 +141,50 @@ def test_decoding_crosses_context_buckets_without_changing_tokens(tiny, monkeypa
     assert out.tokens == ref.tokens
     # Longest prompt 42: the loop first reads 64 slots, then the whole (128) cache.
     assert [s[0] for s in out.stats.segments] == [64, 128]
+
+
+# Ranks 0..2 at the root, a deep first branch: exercises width, depth and padding.
+TREE = TokenTree((-1, 0, 0, 0, 1, 1, 3, 4, 7))
+
+TREE_KINDS = {
+    "streaming": lambda m: dict(sinks=2, window=8),
+    "streaming_exact": lambda m: dict(sinks=2, window=512),  # the draft is the target
+    "snapkv": lambda m: dict(draft_kv="snapkv", sinks=1, window=12, obs_window=4),
+    "draft_ring": lambda m: dict(sinks=2, window=10, draft_model=drafts.truncated_draft(m, 1)),
+    "draft_full": lambda m: dict(window=None, draft_model=drafts.truncated_draft(m, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", TREE_KINDS)
+def test_greedy_tree_speculation_equals_autoregressive(tiny, kind):
+  budgets = [40, 23, 35]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="sequoia", tree=TREE,
+                        **TREE_KINDS[kind](tiny))
+  assert sd.tokens == ar.tokens
+  assert 1.0 <= sd.stats.tokens_per_round <= TREE.max_depth + 1
+  if kind in ("streaming_exact", "draft_full"):  # exact drafts: the first branch always
+    assert sd.stats.tokens_per_round == pytest.approx(
+        _all_accepted(budgets, TREE.max_depth))
+
+
+def test_greedy_optimal_tree_from_acceptance_vector(tiny):
+  budgets = [30, 12, 25]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="sequoia", tree=12,
+                        tree_depth=4, acceptance=(0.6, 0.3, 0.2), sinks=2, window=8)
+  assert sd.tokens == ar.tokens
+
+
+def test_greedy_auto_tree_with_the_calibrated_cost_model(tiny):
+  budgets = [30, 12, 25]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  sd = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="sequoia", tree="auto",
+                        tree_depth=4, acceptance=(0.6, 0.3), sinks=2, window=8)
+  assert sd.tokens == ar.tokens
+  choices = {t.size - 1 for t in engine.auto_trees((0.6, 0.3), max_depth=4)}
+  assert sd.stats.segments[0][1] > 0  # the first segment measures acceptance
+  assert all(drafted in choices for _, drafted, _ in sd.stats.segments)
 
 
 def test_verify_chain_greedy_rule():
@@ -231,21 +276,37 @@ def test_stochastic_auto_gamma_switching_preserves_target_distribution(small_voc
   assert chi2 < _chi2_critical(df), (chi2, df)
 
 
-_VERIFY_CHAIN = verify.verify_chain
+SMALL_TREE = TokenTree((-1, 0, 0, 1, 2))  # two ranks at the root, two levels
 
 
-def _broken_verify(key, drafts, q, p):
-  """Wrong on purpose: after a rejection, sample from p instead of the residual."""
-  n, _ = _VERIFY_CHAIN(key, drafts, q, p)
-  p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
-  return n, jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n)).astype(jnp.int32)
+@pytest.mark.parametrize("draft", ["streaming", "draft_ring"])
+def test_stochastic_tree_speculation_preserves_target_distribution(small_vocab, draft):
+  kw = dict(sinks=1, window=3) if draft == "streaming" else dict(
+      sinks=1, window=4, draft_model=drafts.truncated_draft(small_vocab, 1))
+  sp = sampling.SamplingParams(temperature=0.9, top_k=5)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, method="sequoia", tree=SMALL_TREE, **kw)
+  assert chi2 < _chi2_critical(df), (chi2, df)
 
 
-def test_distribution_test_detects_broken_verification(small_vocab, monkeypatch):
+_VERIFY_TREE = verify.verify_tree
+
+
+def _broken_verify(key, tree, tokens, q, p):
+  """Wrong on purpose: after the accepted path, sample from p instead of the residual."""
+  path, n, _ = _VERIFY_TREE(key, tree, tokens, q, p)
+  last = jnp.take_along_axis(path, n[:, None], axis=1)[:, 0]
+  p_n = jnp.take_along_axis(p, last[:, None, None], axis=1)[:, 0]
+  nxt = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n)).astype(jnp.int32)
+  return path, n, nxt
+
+
+@pytest.mark.parametrize("kw", [STOCHASTIC, dict(method="sequoia", tree=SMALL_TREE, sinks=1,
+                                                 window=3)], ids=["chain", "tree"])
+def test_distribution_test_detects_broken_verification(small_vocab, monkeypatch, kw):
   sp = sampling.SamplingParams(temperature=1.0)
-  monkeypatch.setattr(verify, "verify_chain", _broken_verify)
+  monkeypatch.setattr(verify, "verify_tree", _broken_verify)
   monkeypatch.setattr(engine, "_COMPILED", {})  # recompile with the broken rule
-  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **STOCHASTIC)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, **kw)
   assert chi2 > _chi2_critical(df), (chi2, df)
 
 
