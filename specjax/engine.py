@@ -386,7 +386,10 @@ def _decode_segment(params, state: DecodeState, max_new, draft_params, stop_roun
   eos = _eos_array(eos_ids)
 
   def cond(s: DecodeState):
-    return (~s.done.all()) & (s.rounds < stop_rounds) & (s.cache.lengths.max() <= kv_limit)
+    # Finished rows may have committed a round's drafts past their budget (and past
+    # the limit); they run on masked and commit nothing, so only active rows count.
+    longest = jnp.where(s.done, 0, s.cache.lengths).max()
+    return (~s.done.all()) & (s.rounds < stop_rounds) & (longest <= kv_limit)
 
   def body(s: DecodeState):
     key, sub = jax.random.split(s.key)
@@ -532,9 +535,10 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     state = jax.device_put(state, s_sh)
     max_new_arr = jax.device_put(max_new_arr, row)
   compile_s, run_s, segments = init_compile_s, 0.0, []
-  done = bool(np.asarray(state.done).all())
+  done_rows = np.asarray(state.done)
+  done = bool(done_rows.all())
   while not done:
-    limit = decode_kv_limit(int(lengths.max()), size, kv_bucket)
+    limit = decode_kv_limit(int(lengths[~done_rows].max()), size, kv_bucket)
     rounds_before = int(state.rounds)
     stop = np.iinfo(np.int32).max
     seg_spec = spec
@@ -561,6 +565,9 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     lengths, num, done_rows, rounds, row_rounds = jax.device_get(
         (state.cache.lengths, state.num, state.done, state.rounds, state.row_rounds))
     run_s += time.perf_counter() - t0
+    if int(rounds) == rounds_before and not done_rows.all():
+      raise RuntimeError(f"decode made no progress (kv_limit={limit}, lengths="
+                         f"{lengths.tolist()}, done={done_rows.tolist()}); this is a bug.")
     segments.append((limit, seg_spec.shape.size - 1, int(rounds) - rounds_before))
     if schedule is not None:
       schedule.observe(seg_spec.shape, int((num - num_before).sum()),

@@ -320,3 +320,17 @@ def test_magicdec_fills_the_whole_context_without_scratch_slots():
   sd = specjax.generate(model, prompts, max_new_tokens=budgets, method="magicdec", gamma=5,
                         sinks=2, window=16)
   assert ar.stats.cache_size == 256 and sd.tokens == ar.tokens
+
+
+def test_rows_that_finish_past_the_cache_end_do_not_stall_the_others():
+  """Row 0 fills the cache and its last round commits drafts past its budget (and past
+  the last slot) while row 1 still generates: the loop must go on for row 1."""
+  cfg = tiny_config(eos_ids=(), max_seq_len=512)
+  model = specjax.Model(config=cfg, params=init_params(cfg, jax.random.key(4)), tokenizer=None)
+  prompts = [list(range(3, 241)), list(range(7, 17))]
+  budgets = [18, 200]
+  ar = specjax.generate(model, prompts, max_new_tokens=budgets)
+  for tree in (None, TREE):
+    kw = dict(method="magicdec", gamma=4) if tree is None else dict(method="sequoia", tree=tree)
+    sd = specjax.generate(model, prompts, max_new_tokens=budgets, sinks=16, window=512, **kw)
+    assert sd.stats.cache_size == 256 and sd.tokens == ar.tokens
