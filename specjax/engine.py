@@ -505,8 +505,8 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       auto = tuple(t for t in auto if t.max_depth)
     if not auto:
       raise ValueError("auto has no usable tree (a draft model needs drafts each round).")
-    for tree in auto:  # validate every choice now, not mid-generation
-      drafts.SpecConfig(**{**_fields(spec), "gamma": 0, "tree": tree})
+    for tree in auto:  # validate every choice now (__post_init__), not mid-generation
+      dataclasses.replace(spec, gamma=0, tree=tree)
     spec = dataclasses.replace(spec, gamma=0, tree=max(auto, key=lambda t: t.size))
 
     def timings(limit):
@@ -581,10 +581,6 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
 
 
 _TIMINGS: dict[Any, Any] = {}
-
-
-def _fields(spec: drafts.SpecConfig) -> dict[str, Any]:
-  return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
 
 
 def _calibration(params, cfg: ModelConfig, batch: int, context: int, trees, spec,
