@@ -75,6 +75,9 @@ _CONTEXT = flags.DEFINE_list("context", ["1024", "4096", "8192"],
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row in each cell.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Weights and compute; auto = float32 on CPU, bfloat16 on GPU/TPU.")
+_ATTENTION = flags.DEFINE_enum("attention_impl", "auto", ["auto", "pallas", "xla"],
+                               "Attention: the Pallas kernel on GPU/TPU with auto (XLA on"
+                               " CPU), or forced (pallas is interpreted on CPU).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k sampling (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p sampling (1 = off).")
@@ -361,7 +364,10 @@ def main(argv):
         f" -> roofline {bw['roofline_gbps']:.1f} GB/s")
   t0 = time.perf_counter()
   model = loading.load_model(_MODEL.value, param_dtype=dtype, compute_dtype=dtype)
-  print(f"loaded {model.config.name} ({dtype}) in {time.perf_counter() - t0:.1f}s")
+  model = dataclasses.replace(model, config=dataclasses.replace(
+      model.config, attention_impl=_ATTENTION.value))
+  print(f"loaded {model.config.name} ({dtype}, attention {_ATTENTION.value}) in"
+        f" {time.perf_counter() - t0:.1f}s")
   draft = None
   if "magicdec_draft" in _METHODS.value:
     draft = drafts.truncated_draft(model, _DRAFT_LAYERS.value)

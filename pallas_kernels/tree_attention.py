@@ -45,12 +45,22 @@ Backends:
   ``(B, K, num_splits, steps)``, online softmax in VMEM scratch; the new-token block
   is folded into the last split. An edge block past S is zeroed before use.
 
-Not covered (callers fall back to ``specjax.attention.attention``): SnapKV
-``prefix_idx``, ring caches (``slot_pos``) and ``score_queries``.
+Not covered (``specjax.attention.attend``, the model's dispatch, sends these calls to
+the XLA path with a logged reason): SnapKV ``prefix_idx``, ring caches
+(``slot_pos``) and ``score_queries``. Uncommitted draft tokens (``pending``) are
+simply more new-token columns.
 
 Semantics beyond ``specjax.attention.attention``: a query that sees no key at all
 (padding rows) returns zeros here; the XLA path returns a meaningless finite value
-for it. ``lengths`` are clamped to ``[0, S]``.
+for it. ``lengths`` are clamped to ``[0, S]`` (``[0, kv_limit]`` with a kv_limit).
+
+Validation on a GPU (interpret mode checks the math, not the hardware; run this on
+every new GPU or jax version; the tests then run the kernel compiled on the device)::
+
+  python -m pytest -q tests/test_tree_attention_kernel.py tests/test_attention_impl.py \
+    && python -m experiments.kernel_bench --batch=64 --context=8192 --tree=16
+
+On a TPU the same command runs the Mosaic kernel.
 """
 
 from __future__ import annotations
@@ -105,26 +115,32 @@ class _Prefix:
   size: int  # S, slots per row
   block_k: int
   window: tuple[int, int] | None  # (sinks, recent), or None for the whole prefix
+  limit: int | None = None  # no length exceeds it (kv_limit); None = size
 
   @property
   def num_blocks(self) -> int:
     return pl.cdiv(self.size, self.block_k)
 
   @property
+  def max_length(self) -> int:
+    return self.size if self.limit is None else min(self.limit, self.size)
+
+  @property
   def max_active(self) -> int:
     """An upper bound on the active blocks of any row."""
+    reachable = pl.cdiv(self.max_length, self.block_k)  # blocks below the longest row
     if self.window is None:
-      return self.num_blocks
+      return max(reachable, 1)
     sinks, recent = self.window
-    sink_blocks = pl.cdiv(min(sinks, self.size), self.block_k)
+    sink_blocks = pl.cdiv(min(sinks, self.max_length), self.block_k)
     # A run of `recent` positions at any offset touches at most cdiv(recent, bk) + 1.
-    recent_blocks = min(pl.cdiv(recent, self.block_k) + 1, self.num_blocks) if recent else 0
+    recent_blocks = min(pl.cdiv(recent, self.block_k) + 1, reachable) if recent else 0
     return max(sink_blocks + recent_blocks, 1)
 
   def segments(self, length: jax.Array) -> _Segments:
     """Splits [0, length) into its sinks run and its (disjoint) recent run."""
     bk = self.block_k
-    length = jnp.clip(length, 0, self.size)
+    length = jnp.clip(length, 0, self.max_length)
     if self.window is None:
       zero = jnp.zeros_like(length)
       return _Segments(length, pl.cdiv(length, bk), length, zero, zero, length)
@@ -436,8 +452,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sinks", "recent", "block_k", "num_splits", "block_rows", "backend", "interpret",
-    "num_warps", "num_stages"))
+    "sinks", "recent", "kv_limit", "block_k", "num_splits", "block_rows", "backend",
+    "interpret", "num_warps", "num_stages"))
 def tree_attention(q: jax.Array,  # [B, T, H, D], already rotated
                    k_new: jax.Array,  # [B, Tn, K, D], already rotated
                    v_new: jax.Array,  # [B, Tn, K, D]
@@ -448,6 +464,7 @@ def tree_attention(q: jax.Array,  # [B, T, H, D], already rotated
                    *,
                    sinks: int | None = None,
                    recent: int | None = None,
+                   kv_limit: int | None = None,
                    block_k: int = 128,
                    num_splits: int | None = None,
                    block_rows: int = 64,
@@ -472,6 +489,10 @@ def tree_attention(q: jax.Array,  # [B, T, H, D], already rotated
     sinks, recent: restrict the prefix to positions ``p < sinks`` or
       ``p >= lengths[b] - recent`` (``Window(sinks, recent)``); None for both means
       the whole prefix, None for one of them means 0.
+    kv_limit: a static bound on every ``lengths[b]`` (``model.forward``'s kv_limit):
+      positions at or past it are never read, as if the cache were sliced to
+      ``[:kv_limit]``, without copying it. It shortens the TPU grid (which otherwise
+      has steps for every block of S); the GPU loop bounds follow the lengths anyway.
     block_k: prefix slots per block. GPU: a power of two >= 16 (64-128 typical).
       TPU: a multiple of 8; 128-512 keeps the MXU busy and the grid short.
     num_splits: programs per (row, KV head) sharing the active prefix blocks; None
@@ -523,7 +544,10 @@ def tree_attention(q: jax.Array,  # [B, T, H, D], already rotated
     rows, tn = _round_up(T * G, tile), _round_up(Tn, tile)
   if S < block_k:  # A cache smaller than one block: pad it (a copy of < block_k slots).
     k_cache, v_cache = (_pad_to(x, 2, block_k) for x in (k_cache, v_cache))
-  prefix = _Prefix(k_cache.shape[2], block_k, window)
+  if kv_limit is not None and kv_limit < 0:
+    raise ValueError(f"kv_limit={kv_limit} must be >= 0 (or None).")
+  limit = S if kv_limit is None else min(kv_limit, S)
+  prefix = _Prefix(k_cache.shape[2], block_k, window, limit)
 
   # Queries of KV head k as rows (t, g), scaled in q's dtype exactly as the XLA path.
   qs = q * jnp.asarray(D ** -0.5, q.dtype)
@@ -533,7 +557,7 @@ def tree_attention(q: jax.Array,  # [B, T, H, D], already rotated
   mask = new_mask if new_mask.ndim == 3 else new_mask[None]
   mask = jnp.repeat(mask, G, axis=1)  # [B or 1, T*G, Tn]
   mask = _pad_to(_pad_to(mask, 1, rows), 2, tn).astype(jnp.int32)
-  lengths = jnp.clip(lengths.astype(jnp.int32), 0, S)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, limit)
 
   if lowering == "triton":
     o, m, l = _triton_call(qs, k_cache, v_cache, kn, vn, mask, lengths, prefix, num_splits,
@@ -550,7 +574,7 @@ def tree_attention(q: jax.Array,  # [B, T, H, D], already rotated
   return out.reshape(B, T, H, D).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sinks", "recent"))
+@functools.partial(jax.jit, static_argnames=("sinks", "recent", "kv_limit"))
 def tree_attention_reference(q: jax.Array,  # [B, T, H, D]
                              k_new: jax.Array,  # [B, Tn, K, D]
                              v_new: jax.Array,  # [B, Tn, K, D]
@@ -561,6 +585,7 @@ def tree_attention_reference(q: jax.Array,  # [B, T, H, D]
                              *,
                              sinks: int | None = None,
                              recent: int | None = None,
+                             kv_limit: int | None = None,
                              ) -> jax.Array:
   """Plain-jnp :func:`tree_attention`: one dense masked softmax over [prefix; new].
 
@@ -573,7 +598,7 @@ def tree_attention_reference(q: jax.Array,  # [B, T, H, D]
   K, S = k_cache.shape[1], k_cache.shape[2]
   f32 = jnp.float32
   qg = q.reshape(B, T, K, H // K, D) * jnp.asarray(D ** -0.5, q.dtype)
-  length = jnp.clip(lengths, 0, S)[:, None]
+  length = jnp.clip(lengths, 0, S if kv_limit is None else min(kv_limit, S))[:, None]
   pos = jnp.arange(S)[None, :]
   valid = pos < length  # [B, S]
   if window is not None:

@@ -1,7 +1,7 @@
 """The one attention entry point of specjax.
 
 Prefill chunks, decode steps, chain and tree verification and sparse-KV drafts all
-call :func:`attention`. T new queries of row b attend to two key sets:
+compute :func:`attention` (through :func:`attend`, below). T new queries of row b attend to two key sets:
 
 * the **cached prefix** ``[0, lengths[b])`` of that row (optionally restricted to
   ``sinks`` leading positions + the ``window`` most recent ones, the StreamingLLM /
@@ -23,14 +23,50 @@ The two parts are combined with a single softmax by merging their log-sum-exp
 statistics, so the cache is never concatenated with the new keys (the same shape as
 the Pallas kernel: prefix blocks + tree block + LSE merge). Keys are stored already
 rotated (RoPE at absolute positions), so attention itself never needs positions.
+
+Two implementations, one entry point. :func:`attention` is the XLA (plain jnp) path;
+``pallas_kernels.tree_attention`` is the Pallas kernel for the same math.
+:func:`attend` is what the model calls: it picks one per call from
+``ModelConfig.attention_impl`` and the call's features (:func:`choose`)::
+
+    attention_impl   GPU / TPU                    CPU
+    "xla"            XLA                          XLA
+    "auto"           kernel (compiled)            XLA
+    "pallas"         kernel (compiled)            kernel (Pallas interpret mode, slow)
+
+A call the kernel does not cover runs on XLA whatever the setting, with its reason
+logged once: SnapKV's per-KV-head ``prefix_idx`` and its ``score_queries`` scoring,
+ring caches (``slot_pos``), more than ``KERNEL_MAX_NEW_TOKENS`` new tokens (prefill
+chunks), mixed dtypes, and on the Triton kernel a head_dim that is not a power of two
+>= 16. Under a multi-device mesh set with ``jax.set_mesh(mesh)`` the kernel runs
+under ``jax.shard_map`` (batch over "data", KV heads with their query heads over
+"model", as ``specjax.sharding``); "auto" with several devices and no mesh in
+context uses XLA, because the kernel cannot be partitioned automatically (Mosaic
+refuses to; for the Triton custom call XLA has no partitioning rule, so at best it
+would replicate the cache on every device).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from pallas_kernels import tree_attention as tree_attention_lib
+from specjax import config as config_lib
+from specjax import sharding as sharding_lib
+
+_log = logging.getLogger(__name__)
+
+# The values of ModelConfig.attention_impl.
+IMPLEMENTATIONS = config_lib.ATTENTION_IMPLS
+# The kernel computes the new-token block as one dense [rows, Tn] tile per program:
+# right for decode, verification and drafts, not for long prefill chunks.
+KERNEL_MAX_NEW_TOKENS = 128
 
 # A large finite negative score: avoids inf - inf = nan for queries whose every key is
 # masked (such rows are padding and their outputs are never used).
@@ -131,7 +167,8 @@ def attention(q: jax.Array,  # [B, T, H, D], already rotated
   """Attention of new queries over the cached prefix and the new tokens.
 
   This is the XLA implementation; ``pallas_kernels.tree_attention`` implements the
-  same signature.
+  same math (without ``prefix_idx``, ``slot_pos`` and ``score_queries``) and
+  :func:`attend` chooses between the two.
 
   Args:
     q: queries of the T new tokens, RoPE already applied at their positions.
@@ -186,6 +223,169 @@ def attention(q: jax.Array,  # [B, T, H, D], already rotated
   # Padding queries (ragged observation windows) must not vote.
   weight = score_queries.astype(f32)[:, None, None, :] / denom  # [B, K, G, T]
   return out, jnp.einsum("bkgts,bkgt->bks", p_prefix, weight)
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch between the XLA path and the Pallas kernel.
+
+
+def _platform() -> str:
+  """The default devices' platform: "gpu", "tpu" or "cpu"."""
+  return jax.default_backend()
+
+
+def _context_mesh():
+  """The mesh set with ``jax.set_mesh`` around this trace (an AbstractMesh), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def choose(impl: str,
+           q: jax.Array,  # [B, T, H, D]
+           k_new: jax.Array,  # [B, Tn, K, D]
+           k_cache: jax.Array,  # [B, K, S, D]
+           *,
+           v_dtypes: tuple = (),
+           prefix_idx: jax.Array | None = None,
+           slot_pos: jax.Array | None = None,
+           score_queries: jax.Array | None = None,
+           ) -> tuple[str, str | None]:
+  """Which implementation :func:`attend` runs for a call, and why not the kernel.
+
+  Args:
+    impl: "auto", "pallas" or "xla" (``ModelConfig.attention_impl``).
+    q, k_new, k_cache: the call's arrays (only shapes and dtypes are read).
+    v_dtypes: dtypes of the values, which must match as well.
+    prefix_idx, slot_pos, score_queries: as in :func:`attention`.
+
+  Returns:
+    ("pallas" or "xla", reason): the reason is None when the choice is the setting's
+    own (the kernel, "xla", or "auto" on CPU) and says why the call falls back to XLA
+    otherwise.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention impl={impl!r}; expected one of"
+                     f" {', '.join(map(repr, IMPLEMENTATIONS))}.")
+  platform = _platform()
+  if impl == "xla" or (impl == "auto" and platform not in ("gpu", "tpu")):
+    return "xla", None
+  if score_queries is not None:
+    return "xla", "SnapKV scoring (score_queries) needs per-slot probabilities"
+  if prefix_idx is not None:
+    return "xla", "SnapKV's per-KV-head prefix selection (prefix_idx)"
+  if slot_pos is not None:
+    return "xla", "a ring cache's slot positions (slot_pos)"
+  Tn, D = k_new.shape[1], q.shape[3]
+  if Tn > KERNEL_MAX_NEW_TOKENS:
+    return "xla", (f"{Tn} new tokens (> KERNEL_MAX_NEW_TOKENS = {KERNEL_MAX_NEW_TOKENS},"
+                   " e.g. a prefill chunk)")
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k_new, k_cache)} | set(map(jnp.dtype, v_dtypes))
+  if len(dtypes) > 1:
+    return "xla", f"mixed dtypes {sorted(map(str, dtypes))}"
+  if platform != "tpu" and (D < 16 or D & (D - 1)):  # Triton (and its interpreter)
+    return "xla", f"head_dim {D} (the Triton kernel needs a power of two >= 16)"
+  mesh = _context_mesh()
+  if mesh is not None and mesh.manual_axes and not mesh.are_all_axes_manual:
+    return "xla", f"a mesh that is manual over only {sorted(mesh.manual_axes)}"
+  if impl == "auto" and mesh is None and jax.device_count() > 1:
+    # Not knowing how the surrounding jit is partitioned, the kernel could be handed a
+    # sharded cache: Mosaic refuses to lower, and XLA cannot split a Triton call.
+    return "xla", (f"{jax.device_count()} devices and no mesh in context: under"
+                   " `with jax.set_mesh(mesh)` the kernel runs per shard (shard_map)")
+  return "pallas", None
+
+
+@functools.cache
+def _log_fallback(impl: str, reason: str) -> None:
+  """Logs a fallback once per (setting, reason); louder when the kernel was asked for."""
+  level = logging.WARNING if impl == "pallas" else logging.INFO
+  _log.log(level, "attention_impl=%r: XLA attention for calls with %s.", impl, reason)
+
+
+def attend(impl: str,
+           q: jax.Array,  # [B, T, H, D], already rotated
+           k_new: jax.Array,  # [B, Tn, K, D], already rotated
+           v_new: jax.Array,  # [B, Tn, K, D]
+           k_cache: jax.Array,  # [B, K, S, D]
+           v_cache: jax.Array,  # [B, K, S, D]
+           lengths: jax.Array,  # i32[B]
+           new_mask: jax.Array,  # bool[T, Tn] or bool[B, T, Tn]
+           *,
+           window: Window | None = None,
+           prefix_idx: jax.Array | None = None,  # i32[B, K, n]
+           slot_pos: jax.Array | None = None,  # i32[B, S]
+           score_queries: jax.Array | None = None,  # bool[B, T]
+           kv_limit: int | None = None,
+           ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """The model's attention: :func:`attention`'s math on the implementation ``impl``
+  selects for this call (:func:`choose`; the module docstring has the table).
+
+  Args:
+    impl: "auto", "pallas" or "xla" (``ModelConfig.attention_impl``).
+    kv_limit: read only the first ``kv_limit`` cache slots (static; every
+      ``lengths[b]`` must be <= it). The XLA path slices the cache (XLA fuses the slice
+      into its reads); the kernel takes it as a bound instead, since slicing a kernel
+      operand would copy the cache.
+    Everything else: as in :func:`attention`.
+
+  Returns:
+    As :func:`attention`.
+  """
+  chosen, reason = choose(impl, q, k_new, k_cache, v_dtypes=(v_new.dtype, v_cache.dtype),
+                          prefix_idx=prefix_idx, slot_pos=slot_pos,
+                          score_queries=score_queries)
+  if chosen == "pallas":
+    return _kernel(q, k_new, v_new, k_cache, v_cache, lengths, new_mask, window, kv_limit)
+  if reason is not None:
+    _log_fallback(impl, reason)
+  if kv_limit is not None:
+    k_cache, v_cache = k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit]
+  return attention(q, k_new, v_new, k_cache, v_cache, lengths, new_mask, window=window,
+                   prefix_idx=prefix_idx, slot_pos=slot_pos, score_queries=score_queries)
+
+
+def _kernel(q, k_new, v_new, k_cache, v_cache, lengths, new_mask, window: Window | None,
+            kv_limit: int | None):
+  """``tree_attention`` compiled on GPU/TPU, interpreted elsewhere; per shard under a
+  context mesh."""
+  platform = _platform()
+  interpret = platform not in ("gpu", "tpu")
+  kernel = functools.partial(
+      tree_attention_lib.tree_attention,
+      sinks=None if window is None else window.sinks,
+      recent=None if window is None else window.recent,
+      kv_limit=kv_limit,
+      backend="tpu" if platform == "tpu" else "gpu",  # the Triton kernel interprets faster
+      interpret=interpret,
+      # Interpreted grid steps run one after another: fewer splits, less overhead.
+      num_splits=2 if interpret else None)
+  args = (q, k_new, v_new, k_cache, v_cache, lengths, new_mask)
+  mesh = _context_mesh()
+  if mesh is None or mesh.size == 1 or mesh.are_all_axes_manual:  # already per shard
+    return kernel(*args)
+  in_specs, out_spec = shard_specs(mesh, q.shape[0], k_cache.shape[1], new_mask.ndim)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                       check_vma=False)(*args)
+
+
+def shard_specs(mesh, batch: int, kv_heads: int, mask_ndim: int) -> tuple[tuple, P]:
+  """How the kernel's operands are split over a ("data", "model") mesh.
+
+  Each shard gets whole rows (batch over "data") and whole GQA groups (KV heads, with
+  their query heads, over "model"); an axis that does not divide is replicated, as in
+  ``specjax.sharding``. Attention needs no communication between shards.
+
+  Returns:
+    in_specs for (q, k_new, v_new, k_cache, v_cache, lengths, new_mask) and the
+    output's spec.
+  """
+  rules = sharding_lib.ShardingRules()
+  b = rules.spec(mesh, ("batch",), (batch,))[0]
+  # Query heads follow their KV heads: sharding q's heads alone would split groups.
+  h = rules.spec(mesh, ("kv_heads",), (kv_heads,))[0]
+  tokens, cache = P(b, None, h, None), P(b, h, None, None)  # [B, T, *, D], [B, K, S, D]
+  mask = P(b, None, None) if mask_ndim == 3 else P(None, None)
+  return (tokens, tokens, tokens, cache, cache, P(b), mask), tokens
 
 
 def causal_mask(T: int) -> jax.Array:

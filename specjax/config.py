@@ -19,6 +19,8 @@ import dataclasses
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The values of ModelConfig.attention_impl (specjax.attention.attend dispatches on them).
+ATTENTION_IMPLS = ("auto", "pallas", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,11 @@ class ModelConfig:
       float32 regardless.
     bos_id / eos_ids / pad_id: special tokens (eos may be several ids).
     name: a label for tables and logs.
+    attention_impl: how attention runs (``specjax.attention.attend``): "xla" (the
+      plain jnp path), "pallas" (the Pallas tree-attention kernel wherever the call is
+      one it covers, interpreted on CPU; other calls fall back to XLA with a logged
+      reason), or "auto" (the kernel on GPU/TPU, XLA on CPU). A runtime choice, not a
+      property of the weights: change it with ``dataclasses.replace``.
   """
 
   vocab_size: int
@@ -82,6 +89,7 @@ class ModelConfig:
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   name: str = "llama"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -91,6 +99,9 @@ class ModelConfig:
     for field in ("param_dtype", "compute_dtype"):
       if getattr(self, field) not in _DTYPES:
         raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {sorted(_DTYPES)}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of"
+                       f" {', '.join(map(repr, ATTENTION_IMPLS))}.")
 
   @property
   def group_size(self) -> int:

@@ -91,7 +91,7 @@ def best_time(fn, *args, repeats: int) -> float:
 
 
 def calibrate(params, cfg: ModelConfig, batch: int, context: int, trees,
-              spec_template: drafts.SpecConfig, *, repeats: int = 3, draft_params=None,
+              spec_template: drafts.SpecConfig | None, *, repeats: int = 3, draft_params=None,
               cache_sharding=None) -> Timings:
   """Time the target over 1 and n tokens and one draft level of every tree.
 
@@ -103,6 +103,7 @@ def calibrate(params, cfg: ModelConfig, batch: int, context: int, trees,
 
   Args:
     trees: TokenTrees (``TokenTree.chain(gamma)`` for chains).
+    spec_template: the draft to time; None times the target alone (host-built drafts).
     draft_params: the draft model's weights when ``spec_template.draft_cfg`` is set.
     cache_sharding: a KVCache of shardings for the target cache (multi-device).
   """
@@ -122,7 +123,7 @@ def calibrate(params, cfg: ModelConfig, batch: int, context: int, trees,
     timings.target[n] = best_time(target, params, cache, tokens, repeats=repeats)
   measured: dict[tuple[int, int], float] = {}  # (width, nodes) -> seconds
   for tree in trees:
-    if not tree.max_depth:
+    if not tree.max_depth or spec_template is None:
       continue
     shape = (tree.expand_table.shape[1], tree.size)
     if shape not in measured:

@@ -11,9 +11,11 @@ run time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
+import uuid
 from typing import Any, Sequence
 
 import jax
@@ -21,13 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax import cost_model, drafts, kv_cache, memory, model as model_lib, sampling, sequoia
+from specjax import ngram as ngram_lib
+from specjax import suffix_index
 from specjax import verify
 from specjax import sharding as sharding_lib
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache
-from specjax.tree import TokenTree
+from specjax.tree import RowTrees, TokenTree
 
-METHODS = ("autoregressive", "magicdec", "magicdec_draft", "sequoia")
+METHODS = ("autoregressive", "magicdec", "magicdec_draft", "sequoia", "suffix", "ngram",
+           "hybrid")
 DEFAULT_PREFILL_CHUNK = 512
 _CACHE_ALIGN = 128
 
@@ -50,6 +55,7 @@ class GenerateStats:
   # chosen for each (drafts per round = gamma for a chain, tree size - 1 for a tree).
   segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
   calibrate_s: float = 0.0  # auto: timing the cost model (once per bucket and process)
+  host: Any = None  # HostStats of host-drafted methods (suffix, ngram, hybrid)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -162,14 +168,18 @@ def plan_cache_size(cfg: ModelConfig, prompt_lens: Sequence[int], max_new: np.nd
 _COMPILED: dict[Any, Any] = {}
 
 
-def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=()):
-  """AOT-compile ``fn`` for these argument shapes; returns (executable, seconds)."""
+def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=(), mesh=None):
+  """AOT-compile ``fn`` for these argument shapes; returns (executable, seconds).
+
+  With a mesh, tracing happens under ``jax.set_mesh`` so that the attention kernel
+  can run per shard (``specjax.attention.attend``)."""
   if key in _COMPILED:
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums)
-  exe = jitted.lower(*args).compile()
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    exe = jitted.lower(*args).compile()
   _COMPILED[key] = exe
   return exe, time.perf_counter() - t0
 
@@ -241,7 +251,7 @@ def prefill(params, cfg: ModelConfig, cache: KVCache, prompts: list[list[int]], 
     args = (params, cache, tokens, jnp.int32(c * chunk), lens_arr, last_logits)
     fn = functools.partial(_prefill_chunk, cfg=cfg, all_logits=all_logits, kv_limit=limit)
     key = ("prefill", cfg, B, chunk, cache.size, limit, all_logits, _mesh_key(mesh))
-    exe, seconds = _compile(key, fn, args, in_sh, out_sh, donate_argnums=(1,))
+    exe, seconds = _compile(key, fn, args, in_sh, out_sh, donate_argnums=(1,), mesh=mesh)
     compile_s += seconds
     cache, last_logits = exe(*args)
     if all_logits:
@@ -322,21 +332,39 @@ def _spec_round(params, cfg, cache, draft_state, pending, key, spec: drafts.Spec
   else:
     nodes = pending[:, None]
     q = jnp.zeros((pending.shape[0], 1, cfg.vocab_size), jnp.float32)
+  cache, keep, path, toks, count, nxt = _verify_commit(params, cfg, cache, nodes, q, tree,
+                                                       key_verify, sp, active, kv_limit)
+  if spec.speculative:
+    draft_state = drafts.after_verify(draft_state, spec, cache, keep, path)
+  return cache, draft_state, toks, count, nxt
+
+
+def _verify_commit(params, cfg: ModelConfig, cache: KVCache, nodes, q, tree, key, sp,
+                   active, kv_limit):
+  """Verify every node of each row's tree in one target forward and commit the
+  accepted path: the one verify + KV-commit path of every method.
+
+  Args:
+    nodes: i32[B, n] node tokens (node 0 the pending token); q: f32[B, n, V] the draft
+      distributions (zeros for deterministic host drafts).
+    tree: a static ``TokenTree`` or per-row ``RowTrees``.
+
+  Returns:
+    (cache, keep i32[B] tokens committed, path i32[B, D + 1], tokens i32[B, D + 1],
+    count i32[B], next pending i32[B]); row b's new tokens are ``tokens[b, :count[b]]``.
+  """
   # Node u sits at position lengths + depth(u) and sees the prefix and its ancestors.
   logits, new = model_lib.forward(params, cfg, nodes, cache,
                                   offsets=jnp.asarray(tree.depths),
                                   new_mask=jnp.asarray(tree.ancestor_mask), kv_limit=kv_limit)
-  path, n, nxt = verify.verify_tree(key_verify, tree, nodes, q,
-                                    sampling.probabilities(logits, sp))
+  path, n, nxt = verify.verify_tree(key, tree, nodes, q, sampling.probabilities(logits, sp))
   keep = jnp.where(active, n + 1, 0)  # the pending token + accepted drafts
   # KV compaction: the accepted path's keys go to contiguous slots after the prefix.
   cache = kv_cache.commit(cache, new, keep, src=jnp.maximum(path, 0))
-  if spec.speculative:
-    draft_state = drafts.after_verify(draft_state, spec, cache, keep, path)
   accepted = jnp.take_along_axis(nodes, jnp.maximum(path[:, 1:], 0), axis=1)  # [B, D]
-  padded = jnp.concatenate([accepted, jnp.zeros_like(pending[:, None])], 1)  # [B, D + 1]
+  padded = jnp.concatenate([accepted, jnp.zeros_like(nxt[:, None])], 1)  # [B, D + 1]
   i = jnp.arange(tree.max_depth + 1)[None, :]
-  return cache, draft_state, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
+  return cache, keep, path, jnp.where(i < n[:, None], padded, nxt[:, None]), n + 1, nxt
 
 
 @jax.tree_util.register_dataclass
@@ -557,7 +585,7 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       in_sh, out_sh = (p_sh, s_sh, row, d_sh, rep), s_sh
     exe, seconds = _compile(("decode", cfg, sp, seg_spec, tuple(eos_ids), n_out, B, size,
                              limit, _mesh_key(mesh)), fn, args, in_sh, out_sh,
-                            donate_argnums=(1,))
+                            donate_argnums=(1,), mesh=mesh)
     compile_s += seconds
     num_before, row_rounds_before = np.asarray(state.num), int(state.row_rounds)
     t0 = time.perf_counter()
@@ -580,6 +608,294 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
                       segments=segments, calibrate_s=calibrate_s[0])
 
 
+# ----------------------------------------------------------------------------------
+# Host-built drafts (SuffixDecoding, n-gram lookup, and their hybrid with MagicDec).
+
+HOST_METHODS = ("suffix", "ngram", "hybrid")
+HOST_TREE_SIZES = (1, 2, 4, 8, 16, 32)  # compiled verify sizes for host drafts (root incl.)
+
+
+def _host_round(params, state: DecodeState, nodes, trees: RowTrees, use_model, max_new, *,
+                cfg: ModelConfig, sp: sampling.SamplingParams, spec: drafts.SpecConfig | None,
+                eos_ids: tuple[int, ...], kv_limit: int):
+  """One round of host-drafted speculation: verify each row's host tree (and, with
+  ``spec``, the MagicDec self-draft's chain for the rows in ``use_model``) in one
+  target forward, commit, emit.
+
+  Args:
+    nodes: i32[B, n] the host drafts' tokens (node 0 is replaced by the pending token).
+    trees: the host drafts' shapes; use_model: bool[B] rows that take the model draft
+      instead (ignored without ``spec``).
+
+  Returns:
+    (state, tokens i32[B, n], count i32[B]) as in :func:`_spec_round`.
+  """
+  key, sub = jax.random.split(state.key)
+  key_draft, key_verify = jax.random.split(sub)
+  active = ~state.done
+  nodes = nodes.at[:, 0].set(state.pending)
+  # Host drafts are deterministic choices: q = 0 verifies each node as a point mass.
+  q = jnp.zeros(nodes.shape + (cfg.vocab_size,), jnp.float32)
+  draft_state = state.draft
+  if spec is not None:
+    m_nodes, m_q, draft_state = drafts.propose(params, cfg, state.cache, draft_state,
+                                               state.pending, key_draft, spec, sp)
+    g = spec.shape.size
+    nodes = nodes.at[:, :g].set(jnp.where(use_model[:, None], m_nodes, nodes[:, :g]))
+    q = q.at[:, :g].set(jnp.where(use_model[:, None, None], m_q, 0.0))
+    trees = trees.where(use_model, spec.shape)
+  cache, keep, path, toks, count, nxt = _verify_commit(params, cfg, state.cache, nodes, q,
+                                                       trees, key_verify, sp, active, kv_limit)
+  if spec is not None:
+    draft_state = drafts.after_verify(draft_state, spec, cache, keep, path)
+  out, num, done = _emit(state.out, state.num, state.done, toks, count, max_new,
+                         _eos_array(eos_ids))
+  state = DecodeState(cache=cache, draft=draft_state, pending=nxt, out=out, num=num,
+                      done=done, key=key, rounds=state.rounds + 1,
+                      row_rounds=state.row_rounds + active.sum(dtype=jnp.int32))
+  return state, toks, count
+
+
+class _Calibration:
+  """Online ratio of accepted to predicted drafts (the proposers' scores are frequency
+  estimates; this corrects their scale from what verification actually accepted)."""
+
+  def __init__(self, prior: float, weight: float = 8.0):
+    self.accepted, self.predicted = prior * weight, weight
+
+  @property
+  def value(self) -> float:
+    return self.accepted / self.predicted
+
+  def observe(self, accepted: float, predicted: float) -> None:
+    self.accepted += accepted
+    self.predicted += predicted
+
+
+def _choose_host_size(sizes, gains_fn, round_time) -> int:
+  """The verify size with the most expected tokens per second of round time."""
+  return max(sizes, key=lambda n: gains_fn(n) / round_time(n))
+
+
+@dataclasses.dataclass
+class HostStats:
+  """Host-side cost of host-built drafts: per round, seconds of proposer work
+  (lookups + index updates) divided by the rows it served, and the device round time."""
+
+  host_s_per_row: list[float] = dataclasses.field(default_factory=list)
+  device_s: list[float] = dataclasses.field(default_factory=list)
+  sizes: list[int] = dataclasses.field(default_factory=list)  # verify size per round
+  model_rows: int = 0  # hybrid: row-rounds drafted by the model
+  host_rows: int = 0  # row-rounds drafted on the host (non-empty drafts)
+
+
+def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
+                max_new: np.ndarray, proposer, prompts: Sequence[Sequence[int]],
+                sp: sampling.SamplingParams = sampling.SamplingParams(),
+                spec: drafts.SpecConfig | None = None, threshold: float | None = None,
+                sizes: Sequence[int] = HOST_TREE_SIZES, max_draft: int = 31,
+                sizing: str = "auto", key: jax.Array | None = None,
+                eos_ids: tuple[int, ...] = (), mesh=None,
+                kv_bucket: int | None = None) -> tuple[DecodeResult, HostStats]:
+  """Decode with drafts built on the host between device rounds (SuffixDecoding,
+  n-gram prompt lookup), optionally hybrid with the MagicDec self-draft.
+
+  Each round: the host asks ``proposer`` for every active row's draft (a token tree
+  or path after the row's last token), packs them into ``RowTrees`` of the smallest
+  compiled size in ``sizes`` that the round needs, and one jitted step verifies and
+  commits them through the same path as every other method (``_verify_commit``);
+  the accepted tokens come back to the host and extend the proposer's index.
+
+  Args:
+    proposer: ``start(rid, prompt) / extend(rid, tokens) / finish(rid) /
+      propose(rid, max_tokens, max_depth) -> Draft`` (``specjax.suffix_index.
+      SuffixDecoder``, ``specjax.ngram.NgramProposer``). Rows are started here and
+      finished when they stop, so a SuffixDecoder's global index learns their outputs.
+    prompts: the prompt ids that filled ``cache``.
+    spec: the hybrid's MagicDec self-draft (a chain); None for host drafts only.
+    threshold: hybrid: a row takes its host draft when the draft's calibrated score
+      (expected accepted tokens) is at least this; None compares it with the model
+      draft's accepted tokens per round measured so far.
+    sizes: compiled verify sizes (root included); max_draft: drafted tokens per row
+      per round at most.
+    sizing: "auto" picks the round's size (truncating drafts, parents first) that
+      maximises expected tokens per second under the cost model calibrated on this
+      machine; "longest" uses the smallest size holding every row's whole draft.
+
+  Returns:
+    (DecodeResult, HostStats); ``run_s`` counts the device rounds and the host's
+    drafting and index updates between them (not compilation or calibration).
+  """
+  if sizing not in ("auto", "longest"):
+    raise ValueError(f"sizing={sizing!r}; pass 'auto' or 'longest'.")
+  if spec is not None and (spec.tree is not None or spec.draft_cfg is not None
+                           or not spec.speculative):
+    raise ValueError("the hybrid's model draft is the MagicDec self-draft chain (gamma >= 1,"
+                     " no draft model, no tree).")
+  sizes = tuple(sorted({int(s) for s in sizes} | {1}))
+  if spec is not None and spec.shape.size > sizes[-1]:
+    raise ValueError(f"gamma={spec.gamma} needs a verify size of {spec.shape.size}; the"
+                     f" largest compiled size is {sizes[-1]}.")
+  max_draft = min(max_draft, sizes[-1] - 1)
+  B = first.shape[0]
+  n_out = int(max_new.max())
+  key = jax.random.key(0) if key is None else key
+  kv_bucket = DECODE_BUCKET if kv_bucket is None else kv_bucket
+  prompts = [list(map(int, p)) for p in prompts]
+  draft_state, compile_s, init_s = None, 0.0, 0.0
+  if spec is not None:
+    draft_state, compile_s, init_s = _init_draft_state(params, cfg, cache, spec, prompts,
+                                                       None, mesh)
+  state = _start_state(cache, draft_state, jnp.array(first, jnp.int32), jax.random.clone(key),
+                       jnp.asarray(max_new), pad_id=cfg.pad_id, eos_ids=tuple(eos_ids),
+                       n_out=n_out)
+  max_new_arr = jnp.asarray(max_new)
+  shardings = _step_shardings(cfg, mesh, B, cache.size, params)
+  s_sh = None
+  if shardings is not None:
+    p_sh, c_sh, row, rep = shardings
+    s_sh = DecodeState(cache=c_sh, draft=None if draft_state is None else rep, pending=row,
+                       out=row, num=row, done=row, key=rep, rounds=rep, row_rounds=rep)
+    state = jax.device_put(state, s_sh)
+    max_new_arr = jax.device_put(max_new_arr, row)
+
+  stats = HostStats()
+  first_host = np.asarray(first)
+  rids = [f"{uuid.uuid4().hex}:{b}" for b in range(B)]
+  t0 = time.perf_counter()
+  for b in range(B):
+    proposer.start(rids[b], prompts[b])
+    proposer.extend(rids[b], [int(first_host[b])])
+  host_s = time.perf_counter() - t0
+  num, done_rows = jax.device_get((state.num, state.done))
+  lengths = np.asarray(cache.lengths).copy()
+  for b in np.flatnonzero(done_rows):
+    proposer.finish(rids[b])
+  size_limit = cache.size
+  host_cal = _Calibration(prior=0.5)  # accepted / predicted for host drafts
+  model_accept = _Calibration(prior=0.7 * spec.gamma if spec else 0.0, weight=1.0)
+  run_s, segments, calibrate_s = 0.0, [], 0.0
+  timings_cache: dict[int, Any] = {}
+
+  def timings(limit):
+    nonlocal calibrate_s
+    if limit not in timings_cache:
+      trees = [TokenTree.chain(s - 1) for s in sizes]
+      timings_cache[limit], seconds = _calibration(params, cfg, B, limit, trees, None,
+                                                   None, mesh)
+      calibrate_s += seconds
+      if spec is not None:  # one level of the model draft's chain
+        model, seconds = _calibration(params, cfg, B, limit, [spec.shape], spec, None, mesh)
+        timings_cache[limit].draft.update(model.draft)
+        calibrate_s += seconds
+    return timings_cache[limit]
+
+  while not done_rows.all():
+    active = ~done_rows
+    limit = decode_kv_limit(int(lengths[active].max()), size_limit, kv_bucket)
+    t = timings(limit) if sizing == "auto" else None  # calibrated once, not timed
+    t0 = time.perf_counter()
+    row_drafts = [None] * B
+    for b in np.flatnonzero(active):
+      remaining = int(max_new[b] - num[b])  # a round emits at most drafts + 1 tokens
+      budget = min(max_draft, remaining - 1)
+      row_drafts[b] = proposer.propose(rids[b], max_tokens=budget, max_depth=budget) \
+          if budget > 0 else None
+    scale = host_cal.value
+    score = np.array([scale * d.score if d is not None and d.tokens else 0.0
+                      for d in row_drafts])
+    use_model = np.zeros(B, bool)
+    if spec is not None:
+      bar = model_accept.value if threshold is None else threshold
+      use_model = active & ((score < bar) | (score == 0))
+      use_model &= (max_new - num) > spec.gamma  # a full chain fits the budget
+    model_rows = bool(use_model.any())
+    host_rows = [b for b in np.flatnonzero(active & ~use_model)
+                 if row_drafts[b] is not None and row_drafts[b].tokens]
+    longest = max((len(row_drafts[b].tokens) + 1 for b in host_rows), default=1)
+    floor = spec.shape.size if model_rows else 1
+    choices = [s for s in sizes if s >= floor]
+    whole = next((s for s in choices if s >= longest), choices[-1])  # holds every draft
+    if sizing == "longest":
+      size = whole
+    else:
+      gain_m = model_accept.value * use_model.sum()
+      prob = {b: np.cumsum(row_drafts[b].probs) * scale for b in host_rows}
+      gains = lambda n: int(active.sum()) + gain_m + sum(
+          p[min(n - 1, len(p)) - 1] if n > 1 else 0.0 for p in prob.values())
+      draft_time = spec.gamma * t.draft[spec.shape] if model_rows else 0.0
+      size = _choose_host_size([s for s in choices if s <= whole], gains,
+                               lambda n: t.target[n] + draft_time)
+    rows = []
+    node_tokens = np.zeros((B, size), np.int32)
+    used = np.zeros(B)
+    for b in range(B):
+      d = row_drafts[b]
+      if b in host_rows:
+        k = min(len(d.tokens), size - 1)
+        rows.append((-1,) + tuple(p + 1 for p in d.parents[:k]))
+        node_tokens[b, 1:k + 1] = d.tokens[:k]
+        used[b] = sum(d.probs[:k])  # the proposer's own (uncalibrated) estimate
+      else:
+        rows.append((-1,))
+    trees = RowTrees.from_parents(rows, size, size - 1)
+    host_s += time.perf_counter() - t0
+    host_time_rows = int(active.sum())
+
+    fn = functools.partial(_host_round, cfg=cfg, sp=sp, spec=spec if model_rows else None,
+                           eos_ids=tuple(eos_ids), kv_limit=limit)
+    args = (params, state, jnp.asarray(node_tokens), trees, jnp.asarray(use_model),
+            max_new_arr)
+    in_sh = out_sh = None
+    if shardings is not None:
+      t_sh = RowTrees(parents=row, depths=row, ancestor_mask=row, max_depth=size - 1)
+      in_sh, out_sh = (p_sh, s_sh, row, t_sh, row, row), (s_sh, row, row)
+    exe, seconds = _compile(("host_round", cfg, sp, spec if model_rows else None,
+                             tuple(eos_ids), n_out, B, cache.size, size, limit,
+                             _mesh_key(mesh)), fn, args, in_sh, out_sh, donate_argnums=(1,),
+                            mesh=mesh)
+    compile_s += seconds
+    t1 = time.perf_counter()
+    state, toks, count = exe(*args)
+    new_num, done_new, lengths, toks = jax.device_get(
+        (state.num, state.done, state.cache.lengths, toks))
+    device_s = time.perf_counter() - t1
+    run_s += device_s
+
+    t0 = time.perf_counter()
+    for b in np.flatnonzero(active):
+      emitted = int(new_num[b] - num[b])
+      if emitted:
+        proposer.extend(rids[b], toks[b, :emitted].tolist())
+      if done_new[b]:
+        proposer.finish(rids[b])
+    gained = np.asarray(new_num - num, np.float64) - 1.0  # accepted drafts (about)
+    if host_rows:
+      host_cal.observe(float(np.clip(gained[host_rows], 0, None).sum()),
+                       float(used[host_rows].sum()))
+    if model_rows:
+      model_accept.observe(float(np.clip(gained[use_model], 0, None).sum()),
+                           float(use_model.sum()))
+    host_s += time.perf_counter() - t0
+    stats.host_s_per_row.append(host_s / max(host_time_rows, 1))
+    run_s += host_s  # the host's drafting is part of decoding time
+    host_s = 0.0
+    stats.device_s.append(device_s)
+    stats.sizes.append(size)
+    stats.model_rows += int(use_model.sum())
+    stats.host_rows += len(host_rows)
+    if segments and segments[-1][:2] == (limit, size - 1):
+      segments[-1] = (limit, size - 1, segments[-1][2] + 1)
+    else:
+      segments.append((limit, size - 1, 1))
+    num, done_rows = new_num, done_new
+  out, num = jax.device_get((state.out, state.num))
+  return DecodeResult(tokens=out, num=num, steps=int(state.rounds),
+                      row_rounds=int(state.row_rounds), compile_s=compile_s, run_s=run_s,
+                      cache=state.cache, draft_init_s=init_s, segments=segments,
+                      calibrate_s=calibrate_s), stats
+
+
 _TIMINGS: dict[Any, Any] = {}
 
 
@@ -590,8 +906,8 @@ def _calibration(params, cfg: ModelConfig, batch: int, context: int, trees, spec
   Returns:
     (Timings, seconds spent now).
   """
-  key = (cfg, batch, context, tuple(trees), dataclasses.replace(spec, tree=None),
-         _mesh_key(mesh))
+  key = (cfg, batch, context, tuple(trees),
+         None if spec is None else dataclasses.replace(spec, tree=None), _mesh_key(mesh))
   if key in _TIMINGS:
     return _TIMINGS[key], 0.0
   t0 = time.perf_counter()
@@ -633,7 +949,7 @@ def _init_draft_state(params, cfg: ModelConfig, cache: KVCache, spec: drafts.Spe
   args = (params, cache, jnp.asarray(tail), jnp.asarray(tail_n), draft_prefill)
   exe, seconds = _compile(("draft_init", cfg, spec, cache.batch, cache.size, _mesh_key(mesh)),
                           lambda p, c, t, n, d: drafts.init_state(spec, p, cfg, c, t, n, d),
-                          args, None, None)
+                          args, None, None, mesh=mesh)
   state = exe(*args)
   jax.block_until_ready(state)
   compile_s += seconds
@@ -657,8 +973,13 @@ def spec_config(method: str, *, gamma: int = 4, draft_kv: str = "streaming",
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r}; available methods: {', '.join(METHODS)}.")
-  if method == "autoregressive":
+  if method in ("autoregressive", "suffix", "ngram"):  # host drafts need no SpecConfig
     return drafts.SpecConfig(gamma=0)
+  if method == "hybrid":  # host drafts + the MagicDec self-draft
+    if draft_cfg is not None:
+      raise ValueError("method='hybrid' pairs host drafts with the self-draft; it takes no"
+                       " draft model.")
+    method = "magicdec"
   if method == "magicdec" and draft_cfg is not None:
     raise ValueError("method='magicdec' drafts with the target itself; pass the draft"
                      " model with method='magicdec_draft' (or 'sequoia').")
@@ -702,6 +1023,11 @@ def generate(model,
              tree: int | str | TokenTree = 16,
              tree_depth: int = 8,
              acceptance: Sequence[float] | None = None,
+             proposer=None,
+             hybrid_threshold: float | None = None,
+             host_sizing: str = "auto",
+             max_draft: int = 31,
+             attention_impl: str | None = None,
              mesh=None) -> GenerateOutput:
   """Generate continuations for a batch of prompts.
 
@@ -743,11 +1069,42 @@ def generate(model,
       the acceptance as it measures it.
     acceptance: the positional acceptance vector for optimal trees (measure one with
       ``python -m experiments.acceptance``); default ``sequoia.DEFAULT_ACCEPTANCE``.
+    proposer: ``method="suffix"`` / ``"hybrid"``: a ``specjax.suffix_index.SuffixDecoder``
+      to draft from; pass the same one to successive calls so that its global index
+      keeps the outputs of earlier requests (default: a fresh one). ``"ngram"``: a
+      ``specjax.ngram.NgramProposer`` (default: a fresh one).
+    hybrid_threshold: ``method="hybrid"``: a row takes its suffix draft in a round
+      when the draft's calibrated score (expected accepted tokens) is at least this,
+      and the MagicDec self-draft chain of ``gamma`` otherwise; None (default)
+      compares it with the self-draft's accepted tokens per round measured so far.
+    host_sizing: host-drafted methods: "auto" verifies each round at the compiled
+      size (``engine.HOST_TREE_SIZES``) with the most expected tokens per second under
+      the cost model calibrated on this machine, truncating longer drafts; "longest"
+      at the smallest size holding every row's whole draft.
+    max_draft: host-drafted methods: drafted tokens per row per round at most.
+    attention_impl: "auto" (the Pallas kernel on GPU/TPU, XLA on CPU), "pallas" (the
+      kernel everywhere; interpreted on CPU) or "xla"; None keeps the model config's
+      (``ModelConfig.attention_impl``). Applies to the draft model too.
     mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
 
   Returns:
     GenerateOutput with per-row generated ids, decoded texts and timings.
   """
+  if attention_impl is not None:
+    model = dataclasses.replace(model, config=dataclasses.replace(
+        model.config, attention_impl=attention_impl))
+    if draft_model is not None:
+      draft_model = dataclasses.replace(draft_model, config=dataclasses.replace(
+          draft_model.config, attention_impl=attention_impl))
+  host = method in HOST_METHODS
+  if proposer is not None and not host:
+    raise ValueError(f"proposer is used by methods {HOST_METHODS}; got method={method!r}.")
+  if host:
+    if gamma == "auto":
+      raise ValueError(f"method={method!r} takes an int gamma (the hybrid's self-draft).")
+    if proposer is None:
+      proposer = (ngram_lib.NgramProposer() if method == "ngram" else
+                  suffix_index.SuffixDecoder())
   if draft_model is not None and method not in ("magicdec_draft", "sequoia"):
     raise ValueError(f"draft_model is only used by method='magicdec_draft' or 'sequoia';"
                      f" got method={method!r}.")
@@ -801,9 +1158,17 @@ def generate(model,
   prefill_s = time.perf_counter() - t0 - compile_prefill
   key_first, key_decode = jax.random.split(jax.random.key(seed))
   first = sampling.sample(key_first, first_logits, sp)
-  res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
-               key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids, draft_params=draft_params,
-               auto=auto, acceptance=acceptance)
+  host_stats = None
+  if host:
+    res, host_stats = decode_host(params, cfg, cache, first, max_new=max_new,
+                                  proposer=proposer, prompts=ids, sp=sp,
+                                  spec=spec if method == "hybrid" else None,
+                                  threshold=hybrid_threshold, max_draft=max_draft,
+                                  sizing=host_sizing, key=key_decode, eos_ids=eos, mesh=mesh)
+  else:
+    res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
+                 key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids,
+                 draft_params=draft_params, auto=auto, acceptance=acceptance)
   out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None
@@ -815,7 +1180,7 @@ def generate(model,
                         prefill_s=prefill_s + res.draft_init_s,
                         decode_s=res.run_s, decode_steps=res.steps,
                         tokens_per_round=res.tokens_per_round, segments=res.segments,
-                        calibrate_s=res.calibrate_s)
+                        calibrate_s=res.calibrate_s, host=host_stats)
   return GenerateOutput(tokens=tokens, texts=texts, stats=stats)
 
 

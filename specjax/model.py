@@ -10,7 +10,9 @@ the logits and the new tokens' keys/values; :func:`specjax.kv_cache.commit` then
 writes the ones to keep. The same call serves prefill chunks (causal mask), decode
 (T = 1), chain verification (causal) and tree verification (ancestor mask, offsets =
 node depths), and sparse-KV drafts (``window``; SnapKV's per-layer ``prefix_idx``;
-``slot_pos`` for a draft model's ring cache). :func:`prefix_scores` runs the same
+``slot_pos`` for a draft model's ring cache). Attention runs on the implementation
+``cfg.attention_impl`` selects (``specjax.attention.attend``: the Pallas
+tree-attention kernel or the XLA path). :func:`prefix_scores` runs the same
 layers and also returns the attention each layer paid to the prefix (SnapKV scoring).
 """
 
@@ -66,13 +68,14 @@ def apply_rope(x: jax.Array,  # [B, T, N, D]
 
 
 def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, pending_k, pending_v,
-           prefix_idx, lengths, positions, new_mask, view: dict):
+           prefix_idx, lengths, positions, new_mask, kv_limit, view: dict):
   """One decoder block. x: [B, T, E]; returns (x, (k_new, v_new, scores)).
 
   k_new: [B, T, K, D]; scores: f32[B, K, S] prefix attention scores when
   ``view["score_queries"]`` is set, else None. pending_k/v: [B, P, K, D] keys/values
   of uncommitted earlier tokens (or None); the new tokens see them through the first P
-  columns of ``new_mask``. prefix_idx: this layer's kept positions [B, K, n] or None.
+  columns of ``new_mask`` (for the Pallas kernel they are simply more new-token
+  columns). prefix_idx: this layer's kept positions [B, K, n] or None.
   """
   dt = cfg.dtype
   inv_freq = rope_frequencies(cfg)
@@ -86,8 +89,8 @@ def _block(cfg: ModelConfig, x, layer: LayerParams, k_cache, v_cache, pending_k,
   if pending_k is not None:
     k_seen = jnp.concatenate([pending_k.astype(k.dtype), k], axis=1)
     v_seen = jnp.concatenate([pending_v.astype(v.dtype), v], axis=1)
-  o = attention_lib.attention(q, k_seen, v_seen, k_cache, v_cache, lengths, new_mask,
-                              prefix_idx=prefix_idx, **view)
+  o = attention_lib.attend(cfg.attention_impl, q, k_seen, v_seen, k_cache, v_cache, lengths,
+                           new_mask, prefix_idx=prefix_idx, kv_limit=kv_limit, **view)
   scores = None
   if view.get("score_queries") is not None:
     o, scores = o
@@ -144,9 +147,10 @@ def forward(params: Params,
     pending: keys/values of P earlier tokens that are not committed to the cache (a
       draft's own drafted tokens); they sit between the prefix and the new tokens.
     kv_limit: read only the first ``kv_limit`` cache slots (static; every row's
-      ``lengths[b]`` must be <= it). Attention over the full prefix reads the whole
+      ``lengths[b]`` must be <= it). XLA attention over the full prefix reads the whole
       buffer, masked; a limit lets short rows of a large cache (early prefill chunks,
-      decoding far below the cache size) pay only for a bucket of it.
+      decoding far below the cache size) pay only for a bucket of it. The Pallas
+      kernel reads only each row's valid blocks and needs no limit.
 
   Returns:
     logits: f32[B, T or N, V]; new_kv: the keys/values of the T new tokens.
@@ -193,10 +197,9 @@ def _layers(params: Params, cfg: ModelConfig, tokens, cache: KVCache, *, offsets
 
   def step(x, per_layer):
     layer, k_cache, v_cache, pending_k, pending_v, idx = per_layer
-    if kv_limit is not None:  # sliced per layer: XLA folds it into the scan's slice
-      k_cache, v_cache = k_cache[:, :, :kv_limit], v_cache[:, :, :kv_limit]
+    # kv_limit slices per layer inside attention: XLA folds it into the scan's slice.
     return _block(cfg, x, layer, k_cache, v_cache, pending_k, pending_v, idx,
-                  cache.lengths, positions, new_mask, view)
+                  cache.lengths, positions, new_mask, kv_limit, view)
 
   pk, pv = (None, None) if pending is None else (pending.k, pending.v)
   x, (k_new, v_new, scores) = jax.lax.scan(

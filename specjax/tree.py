@@ -41,8 +41,12 @@ The verify forward runs all ``n`` node tokens at once: node ``i`` sits at positi
 the new tokens, so each node sees exactly the sequence root..node, as if the path had
 been decoded one token at a time.
 
-Everything here is static (numpy, computed from ``parents``); a ``TokenTree`` is frozen
-and hashable, so it can be a static argument of a jitted function.
+Everything in a ``TokenTree`` is static (numpy, computed from ``parents``); it is
+frozen and hashable, so it can be a static argument of a jitted function. Drafts built
+on the host between device steps (SuffixDecoding, n-gram lookup) differ in shape from
+row to row and round to round: :class:`RowTrees` holds one tree per row as arrays,
+padded to a compiled size, and the verify forward, :func:`specjax.verify.verify_tree`
+and the KV commit take it wherever they take a ``TokenTree``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ import dataclasses
 import functools
 import operator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -193,3 +199,83 @@ class TokenTree:
     while self.parents[path[-1]] >= 0:
       path.append(self.parents[path[-1]])
     return path[::-1]
+
+
+PAD = -2  # the parent of a padding node in RowTrees: it matches no node, so is never tried
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowTrees:
+  """One token tree per row, padded to ``size`` nodes (a traced value under jit).
+
+  Row b's tree is nodes ``0..k_b - 1`` (node 0 the root, parents first as in
+  ``TokenTree``); nodes ``k_b..size - 1`` are padding: parent ``PAD``, seen by no
+  other node, never verified and so never committed. ``max_depth`` is static: the
+  compiled bound on any row's depth (the accepted path's length).
+  """
+
+  parents: jax.Array  # i32[B, n]; -1 at the root, PAD at padding
+  depths: jax.Array  # i32[B, n]; position offsets (padding: 1)
+  ancestor_mask: jax.Array  # bool[B, n, n]
+  max_depth: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def size(self) -> int:
+    return self.parents.shape[-1]
+
+  @classmethod
+  def from_parents(cls, rows, size: int, max_depth: int) -> RowTrees:
+    """Pack per-row parents tuples (root included, each a valid ``TokenTree``) on
+    the host.
+
+    Raises:
+      ValueError: a row with more than ``size`` nodes or deeper than ``max_depth``,
+        or parents out of topological order.
+    """
+    B = len(rows)
+    parents = np.full((B, size), PAD, np.int32)
+    for b, row in enumerate(rows):
+      if not 1 <= len(row) <= size:
+        raise ValueError(f"row {b} has {len(row)} nodes; RowTrees of size {size} hold"
+                         f" 1..{size}.")
+      parents[b, :len(row)] = row
+    pad = parents == PAD
+    idx = np.arange(size)
+    if (parents[:, 0] != -1).any() or ((parents[:, 1:] >= idx[1:]) |
+                                       ((parents[:, 1:] < 0) & ~pad[:, 1:])).any():
+      raise ValueError("every row's parents must be (-1, p_1, ...) with 0 <= p_i < i.")
+    depths = np.ones((B, size), np.int32)
+    depths[:, 0] = 0
+    mask = np.zeros((B, size, size), bool)
+    mask[:, idx, idx] = True
+    mask[:, :, 0] = True
+    rows_b = np.arange(B)
+    for i in range(1, size):
+      live = ~pad[:, i]
+      par = np.maximum(parents[:, i], 0)
+      depths[live, i] = depths[rows_b, par][live] + 1
+      mask[live, i] |= mask[rows_b, par][live]
+    if depths.max(initial=0) > max_depth:
+      raise ValueError(f"a row's tree has depth {int(depths.max())} > max_depth={max_depth}.")
+    return cls(parents=jnp.asarray(parents), depths=jnp.asarray(depths),
+               ancestor_mask=jnp.asarray(mask), max_depth=max_depth)
+
+  def where(self, use: jax.Array, tree: TokenTree) -> RowTrees:
+    """Rows where ``use`` (bool[B]) take the static ``tree`` (padded to this size),
+    the others keep their own: the hybrid round's per-row choice, under jit."""
+    n = self.size
+    if tree.size > n or tree.max_depth > self.max_depth:
+      raise ValueError(f"a tree of {tree.size} nodes and depth {tree.max_depth} does not"
+                       f" fit RowTrees of size {n} and max_depth {self.max_depth}.")
+    parents = np.full(n, PAD, np.int32)
+    parents[:tree.size] = tree.parents
+    depths = np.ones(n, np.int32)
+    depths[:tree.size] = tree.depths
+    mask = np.eye(n, dtype=bool)
+    mask[:, 0] = True
+    mask[:tree.size, :tree.size] = tree.ancestor_mask
+    pick = lambda static, mine: jnp.where(
+        use.reshape((-1,) + (1,) * (mine.ndim - 1)), jnp.asarray(static), mine)
+    return RowTrees(parents=pick(parents, self.parents), depths=pick(depths, self.depths),
+                    ancestor_mask=pick(mask, self.ancestor_mask), max_depth=self.max_depth)

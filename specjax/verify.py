@@ -44,7 +44,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from specjax.tree import TokenTree
+from specjax.tree import RowTrees, TokenTree
 
 
 def _take(x: jax.Array, i: jax.Array) -> jax.Array:
@@ -77,22 +77,28 @@ def _after_rejection(p: jax.Array,  # f32[B, V] current target (residual) distri
 
 
 def verify_tree(key: jax.Array,
-                tree: TokenTree,  # static
+                tree: TokenTree | RowTrees,  # static TokenTree, or per-row trees
                 tokens: jax.Array,  # i32[B, n] node tokens; tokens[:, 0] is the root
                 q: jax.Array,  # f32[B, n, V] draft distribution u's children came from
                 p: jax.Array,  # f32[B, n, V] target distribution after node u
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Accept one root-to-node path of each row's token tree and pick the next token.
 
-  Jittable with ``tree`` static; the loops run over the tree's depth and its widest
-  node's children, whatever the row.
+  The walk visits nodes in increasing id, which is exactly the order the rule above
+  tries them: children come after their parent and siblings in rank order, and once a
+  child is accepted its own children (larger ids still) are tried next while its
+  later siblings never are. So one pass over the ``n - 1`` drafted nodes, trying node
+  i iff its parent is the walk's current node, verifies any tree, static or per row.
 
   Args:
     key: PRNG key.
-    tree: the drafted tree's shape, n = tree.size nodes (root included).
+    tree: the drafted trees' shape: one static ``TokenTree`` for every row, or
+      ``RowTrees`` (a tree per row, padded to n nodes; padding nodes are never tried).
     tokens: the token at each node. The root's (the pending token) is not verified.
     q: ``q[b, u]`` is the draft distribution the children of node u were drawn from,
-      without replacement, in rank order (unused at leaves).
+      without replacement, in rank order (unused at leaves). Zero where the children
+      were chosen by a deterministic rule (host-built drafts): each is then verified
+      as a point mass (see the module docstring).
     p: ``p[b, u]`` is the target distribution of the token after the path root..u
       (the verify forward's output at node u).
 
@@ -110,40 +116,31 @@ def verify_tree(key: jax.Array,
   B, n = tokens.shape
   if p.ndim != 3 or p.shape[:2] != (B, n) or q.shape != p.shape:
     raise ValueError(f"q {q.shape} and p {p.shape} must both be [B={B}, n={n}, V].")
-  D, K = tree.max_depth, tree.max_children
-  table = jnp.asarray(tree.child_table)  # i32[n, K]
+  D = tree.max_depth
+  parents = jnp.broadcast_to(jnp.asarray(tree.parents, jnp.int32), (B, n))
+  depths = jnp.broadcast_to(jnp.asarray(tree.depths, jnp.int32), (B, n))
   key_accept, key_next = jax.random.split(key)
-  coins = jax.random.uniform(key_accept, (B, D, K))  # one per (level, rank) tried
+  coins = jax.random.uniform(key_accept, (B, n))  # one per node tried
+  rows = jnp.arange(B)
 
-  def level(depth, carry):
-    node, stopped, p_res, q_res, path = carry  # i32[B], bool[B], f32[B, V] x 2, path
-
-    def sibling(rank, carry):
-      child, p_res, q_res = carry  # child: i32[B], the accepted one or -1
-      c = table[node, rank]  # i32[B], -1 where node has fewer children
-      live = (c >= 0) & (child < 0) & ~stopped
-      x = _take(tokens, jnp.maximum(c, 0))
-      proposal = _proposal(q_res, x)
-      p_x, q_x = _take(p_res, x), _take(proposal, x)
-      accepted = live & (coins[:, depth, rank] * q_x < p_x)  # u < P/Q, no division
-      p_rej, q_rej = _after_rejection(p_res, q_res, proposal, x)
-      rejected = (live & ~accepted)[:, None]
-      return (jnp.where(accepted, c, child), jnp.where(rejected, p_rej, p_res),
-              jnp.where(rejected, q_rej, q_res))
-
-    child, p_res, q_res = jax.lax.fori_loop(
-        0, K, sibling, (jnp.full((B,), -1, jnp.int32), p_res, q_res))
-    moved = child >= 0
-    node = jnp.where(moved, child, node)
-    p_res = jnp.where(moved[:, None], _take(p, node), p_res)
-    q_res = jnp.where(moved[:, None], _take(q, node), q_res)
-    path = path.at[:, depth + 1].set(child)
-    return node, stopped | ~moved, p_res, q_res, path
+  def try_node(i, carry):
+    node, p_res, q_res, path = carry  # i32[B] current node, f32[B, V] x 2, path
+    live = parents[:, i] == node
+    x = tokens[:, i]
+    proposal = _proposal(q_res, x)
+    p_x, q_x = _take(p_res, x), _take(proposal, x)
+    accepted = live & (coins[:, i] * q_x < p_x)  # u < P/Q, no division
+    p_rej, q_rej = _after_rejection(p_res, q_res, proposal, x)
+    rejected = (live & ~accepted)[:, None]
+    moved = accepted[:, None]
+    p_res = jnp.where(moved, p[:, i], jnp.where(rejected, p_rej, p_res))
+    q_res = jnp.where(moved, q[:, i], jnp.where(rejected, q_rej, q_res))
+    path = path.at[rows, jnp.where(accepted, depths[:, i], D + 1)].set(i, mode="drop")
+    return jnp.where(accepted, i, node), p_res, q_res, path
 
   path = jnp.full((B, D + 1), -1, jnp.int32).at[:, 0].set(0)
-  init = (jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool), p[:, 0], q[:, 0], path)
-  # D == 0 (a lone root) skips the loop: its body would index an empty child table.
-  _, _, p_res, _, path = jax.lax.fori_loop(0, D, level, init) if D else init
+  init = (jnp.zeros((B,), jnp.int32), p[:, 0], q[:, 0], path)
+  _, p_res, _, path = jax.lax.fori_loop(1, n, try_node, init)
   n_accepted = jnp.sum(path[:, 1:] >= 0, axis=1).astype(jnp.int32)
   next_token = jax.random.categorical(key_next, jnp.log(p_res), axis=-1)
   return path, n_accepted, next_token.astype(jnp.int32)

@@ -1,8 +1,11 @@
 """Real-model behaviour: SmolLM2-135M-Instruct from the fetched wheel."""
 
+import jax
 import numpy as np
+import pytest
 
 import specjax
+from specjax import drafts, engine, kv_cache, ngram, sequoia, suffix_index
 
 
 def _chat(model, question):
@@ -33,28 +36,39 @@ def test_logits_are_a_sharp_next_token_distribution(smollm2):
   assert nll < 3.0
 
 
-def test_greedy_magicdec_equals_autoregressive_on_long_real_prompts(smollm2):
-  """Ragged batch of real standard-library text, the longest row 4096 tokens: every
-  draft policy (streaming and SnapKV self-speculation over a 512-position budget, a
-  small draft with a 256-slot ring), as chains and as Sequoia trees, changes speed,
-  never tokens."""
-  import jax  # pylint: disable=g-import-not-at-top
+@pytest.fixture(scope="module")
+def long_ragged(smollm2):
+  """A ragged batch of real standard-library text, the longest row 4096 tokens,
+  prefilled once: (prompts, cache, first tokens, max_new, autoregressive tokens)."""
   from experiments import workloads  # pylint: disable=g-import-not-at-top
-  from specjax import drafts, engine, kv_cache, sequoia  # pylint: disable=g-import-not-at-top
 
   cfg = smollm2.config
   rows = workloads.stdlib_prompts(smollm2.tokenizer, 3, 4096)
   prompts = [rows[0], rows[1][:2500], rows[2][:1200]]
   max_new = np.array([24, 24, 24], np.int32)
-  gamma = 3
   size = engine.plan_cache_size(cfg, [len(p) for p in prompts], max_new, None)
   cache = kv_cache.init_cache(cfg, len(prompts), size)
   cache, last_logits, _ = engine.prefill(smollm2.params, cfg, cache, prompts)
   first = np.asarray(last_logits).argmax(-1)
+  res = engine.decode(smollm2.params, cfg, _copy(cache), first, max_new=max_new)
+  ar = [res.tokens[b, :res.num[b]].tolist() for b in range(len(prompts))]
+  return prompts, cache, first, max_new, ar
+
+
+def _copy(cache):
+  return jax.tree.map(lambda x: x.copy(), cache)  # decode donates its cache
+
+
+def test_greedy_magicdec_equals_autoregressive_on_long_real_prompts(smollm2, long_ragged):
+  """Every draft policy (streaming and SnapKV self-speculation over a 512-position
+  budget, a small draft with a 256-slot ring), as chains and as Sequoia trees, changes
+  speed, never tokens."""
+  cfg = smollm2.config
+  prompts, cache, first, max_new, ar = long_ragged
+  gamma = 3
   draft = drafts.truncated_draft(smollm2, 6)  # untrained stand-in for a small draft
   tree = sequoia.optimal_tree(12, 4, sequoia.DEFAULT_ACCEPTANCE)
   runs = {
-      "autoregressive": (engine.spec_config("autoregressive"), None),
       "streaming": (engine.spec_config("magicdec", gamma=gamma), None),
       "snapkv": (engine.spec_config("magicdec", gamma=gamma, draft_kv="snapkv"), None),
       "draft_ring": (engine.spec_config("magicdec_draft", gamma=gamma, window=256,
@@ -63,12 +77,31 @@ def test_greedy_magicdec_equals_autoregressive_on_long_real_prompts(smollm2):
       "tree_draft_ring": (engine.spec_config("sequoia", tree=tree, window=256,
                                              draft_cfg=draft.config), draft.params),
   }
-  results = {}
   for name, (spec, draft_params) in runs.items():
-    res = engine.decode(smollm2.params, cfg, jax.tree.map(lambda x: x.copy(), cache), first,
-                        max_new=max_new, spec=spec, prompts=prompts, draft_params=draft_params)
-    results[name] = [res.tokens[b, :res.num[b]].tolist() for b in range(len(prompts))]
+    res = engine.decode(smollm2.params, cfg, _copy(cache), first, max_new=max_new, spec=spec,
+                        prompts=prompts, draft_params=draft_params)
+    assert [res.tokens[b, :res.num[b]].tolist() for b in range(len(prompts))] == ar, name
     if name in ("streaming", "snapkv", "tree_streaming"):
       assert res.tokens_per_round > 1.5  # the sparse self-draft really is accepted on code
-  for name in runs:
-    assert results[name] == results["autoregressive"], name
+
+
+def test_greedy_suffix_ngram_hybrid_equal_autoregressive_on_long_real_prompts(smollm2,
+                                                                             long_ragged):
+  """Host-built drafts (suffix index as paths and as trees, n-gram prompt lookup, the
+  suffix/MagicDec hybrid) on the same ragged real text: same tokens as autoregressive."""
+  cfg = smollm2.config
+  prompts, cache, first, max_new, ar = long_ragged
+  runs = {
+      "suffix_path": (suffix_index.SuffixDecoder(suffix_index.SuffixConfig(tree=False)), None),
+      "suffix_tree": (suffix_index.SuffixDecoder(suffix_index.SuffixConfig(tree=True)), None),
+      "ngram": (ngram.NgramProposer(), None),
+      "hybrid": (suffix_index.SuffixDecoder(), engine.spec_config("hybrid", gamma=3)),
+  }
+  for name, (proposer, spec) in runs.items():
+    res, host = engine.decode_host(smollm2.params, cfg, _copy(cache), first, max_new=max_new,
+                                   proposer=proposer, prompts=prompts, spec=spec,
+                                   sizing="longest")
+    assert [res.tokens[b, :res.num[b]].tolist() for b in range(len(prompts))] == ar, name
+    assert res.tokens_per_round > 1.0, name  # code repeats itself: some drafts accepted
+    if name == "hybrid":
+      assert host.model_rows > 0

@@ -156,6 +156,8 @@ _TRITON_CASES = [
     Case(T=16, H=6, K=2, D=32, S=90, lengths=(45, 89, 1), mask="batched",
          num_splits=3, block_rows=16),  # 48 rows in 3 blocks of 16
     Case(T=64, H=8, K=1, D=32, S=96, lengths=(96, 50), window=(4, 16), block_k=32),
+    Case(T=64, H=2, K=2, D=32, S=70, lengths=(0, 70, 33), dtype=jnp.bfloat16,
+         mask="batched"),
 ]
 
 _MOSAIC_CASES = [
@@ -177,6 +179,24 @@ def test_triton_kernel_matches_reference_and_xla(case):
 @pytest.mark.parametrize("case", _MOSAIC_CASES, ids=str)
 def test_mosaic_kernel_matches_reference_and_xla(case):
   _check_kernel(case, "tpu", seed=100 + _MOSAIC_CASES.index(case))
+
+
+@pytest.mark.parametrize("backend,T,G", [("gpu", 4, 4), ("tpu", 16, 8)])
+def test_every_prefix_length_from_0_to_S(backend, T, G):
+  """One row per length 0..S (S and most lengths not multiples of the block) under a
+  window, with kv_limit below S: lengths past it read as kv_limit, as in a cache
+  sliced there."""
+  S, bk, limit = 40, 16, 37
+  case = Case(T=T, H=G, K=1, D=32, S=S, lengths=tuple(range(S + 1)), window=(3, 10),
+              block_k=bk, mask="causal" if T < 16 else "batched")
+  args = _inputs(case, seed=200 + T)
+  out = _tree_attention(*args, **_window_kwargs(case), block_k=bk, kv_limit=limit,
+                        backend=backend)
+  clipped = (*args[:5], jnp.minimum(args[5], limit), args[6])
+  _assert_close(out, _reference(clipped, case), case.dtype)
+  with jax.default_matmul_precision("float32"):
+    _assert_close(out, ta.tree_attention_reference(*args, **_window_kwargs(case),
+                                                   kv_limit=limit), case.dtype)
 
 
 @pytest.mark.parametrize("T,window", [(1, None), (1, (2, 7)), (4, (2, 7)), (16, None),

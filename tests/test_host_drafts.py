@@ -1,0 +1,179 @@
+"""Host-built drafts (SuffixDecoding, n-gram lookup, hybrid) are lossless.
+
+Drafts built on the host between device rounds go through the same verify + commit
+path as every other method, as per-row trees (``RowTrees``) padded to a compiled size.
+Greedy output must equal autoregressive output token for token, and sampled output
+must have the target's distribution, whatever the drafts are: the oracle proposer
+below drafts random trees that contain the true continuation on some branch, which
+exercises acceptance deep in branching trees of every shape.
+"""
+
+import hashlib
+
+import jax
+import numpy as np
+import pytest
+
+import specjax
+from specjax import engine, ngram, sampling, suffix_index, verify
+from specjax.config import tiny_config
+from specjax.params import init_params
+from specjax.suffix_index import Draft
+from tests.test_speculative import (PROMPT, PROMPTS, _broken_verify, _chi2, _chi2_critical,
+                                    small_vocab, tiny)  # noqa: F401 (fixtures)
+
+
+class RandomTreeProposer:
+  """Drafts a random tree per call: one branch follows ``truth`` (each row's greedy
+  continuation, when known) for a random number of tokens, the other nodes are random
+  tokens. Deterministic given the context, like a real index."""
+
+  def __init__(self, vocab: int, truth=None, max_nodes: int = 12):
+    self.vocab, self.truth, self.max_nodes = vocab, truth or {}, max_nodes
+    self.ctx, self.prompt_of = {}, {}
+    self.finished = []
+
+  def start(self, rid, prompt):
+    self.ctx[rid] = list(prompt)
+    self.prompt_of[rid] = tuple(prompt)
+
+  def extend(self, rid, tokens):
+    self.ctx[rid].extend(tokens)
+
+  def finish(self, rid):
+    self.finished.append(rid)
+    del self.ctx[rid]
+
+  def propose(self, rid, max_tokens, max_depth=None):
+    ctx = self.ctx[rid]
+    seed = int.from_bytes(hashlib.sha256(np.asarray(ctx, np.int64).tobytes()).digest()[:4],
+                          "little")
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, min(max_tokens, self.max_nodes) + 1))
+    truth = self.truth.get(self.prompt_of[rid])
+    done = len(ctx) - len(self.prompt_of[rid])  # generated so far (the root included)
+    good = [] if truth is None else list(truth[done:done + int(rng.integers(0, n + 1))])
+    tokens, parents, depth = [], [], []
+    true_ids = []
+    for i, t in enumerate(good[:max_depth or len(good)]):
+      parent = true_ids[-1] if true_ids else -1
+      if rng.random() < 0.5:
+        tokens.append(int(rng.integers(self.vocab)))
+        parents.append(parent)
+        depth.append(i + 1)
+      tokens.append(int(t))
+      parents.append(parent)
+      depth.append(i + 1)
+      true_ids.append(len(tokens) - 1)
+    while len(tokens) < n:  # random extra nodes anywhere
+      p = int(rng.integers(-1, len(tokens)))
+      d = 1 if p < 0 else depth[p] + 1
+      if max_depth is not None and d > max_depth:
+        continue
+      tokens.append(int(rng.integers(self.vocab)))
+      parents.append(p)
+      depth.append(d)
+    tokens, parents = tokens[:max_tokens], parents[:max_tokens]
+    probs = [0.5 ** d for d in depth[:len(tokens)]]
+    return Draft(tokens=tokens, parents=parents, probs=probs, match_len=0,
+                 source="local" if tokens else "")
+
+
+@pytest.mark.parametrize("sizing", ["longest", "auto"])
+def test_greedy_random_host_trees_equal_autoregressive(tiny, sizing):
+  budgets = [20, 13, 30]
+  ar = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets)
+  truth = {tuple(p): t for p, t in zip(PROMPTS, ar.tokens)}
+  proposer = RandomTreeProposer(tiny.config.vocab_size, truth)
+  out = specjax.generate(tiny, PROMPTS, max_new_tokens=budgets, method="suffix",
+                         proposer=proposer, host_sizing=sizing, max_draft=15)
+  assert out.tokens == ar.tokens
+  if sizing == "longest":  # every draft verified whole: the true branches are accepted
+    assert out.stats.tokens_per_round > 1.2
+  assert len(proposer.finished) == 3 and not proposer.ctx  # every row finished
+  host = out.stats.host
+  assert len(host.host_s_per_row) == out.stats.decode_steps
+  assert set(host.sizes) <= set(engine.HOST_TREE_SIZES)
+
+
+def test_greedy_suffix_and_ngram_equal_autoregressive(tiny):
+  # Repetitive prompts: the suffix index and prompt lookup both find long matches.
+  prompts = [[5, 6, 7, 8, 9, 10, 11] * 6, [3, 4, 3, 4, 3, 4, 9], list(range(20, 61)) * 2]
+  budgets = [24, 17, 40]
+  ar = specjax.generate(tiny, prompts, max_new_tokens=budgets)
+  for method in ("suffix", "ngram"):
+    out = specjax.generate(tiny, prompts, max_new_tokens=budgets, method=method,
+                           host_sizing="longest")
+    assert out.tokens == ar.tokens, method
+    assert out.stats.decode_steps < sum(budgets)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0, 1e9])
+def test_greedy_hybrid_equals_autoregressive(tiny, threshold):
+  """threshold 0: host drafts whenever there is one; 1e9: always the model draft."""
+  budgets = [24, 17, 40]
+  prompts = [[5, 6, 7, 8, 9, 10, 11] * 6, [3, 4], list(range(20, 61)) * 2]
+  ar = specjax.generate(tiny, prompts, max_new_tokens=budgets)
+  out = specjax.generate(tiny, prompts, max_new_tokens=budgets, method="hybrid", gamma=3,
+                         sinks=2, window=8, hybrid_threshold=threshold, host_sizing="longest")
+  assert out.tokens == ar.tokens
+  host = out.stats.host
+  if threshold == 1e9:  # host drafts only in a row's last rounds, where a chain won't fit
+    assert host.model_rows > 0 and host.host_rows <= len(prompts) * 3
+  if threshold == 0.0:
+    assert host.host_rows > 0
+
+
+def test_global_index_learns_from_earlier_requests(tiny):
+  """A second identical request drafts from the first one's output (global index)."""
+  prompt = [[17, 3, 29, 41, 8]]
+  decoder = suffix_index.SuffixDecoder()
+  first = specjax.generate(tiny, prompt, max_new_tokens=32, method="suffix",
+                           proposer=decoder, host_sizing="longest")
+  again = specjax.generate(tiny, prompt, max_new_tokens=32, method="suffix",
+                           proposer=decoder, host_sizing="longest")
+  assert again.tokens == first.tokens
+  assert again.stats.decode_steps < first.stats.decode_steps
+  assert again.stats.decode_steps <= 4
+
+
+def test_host_methods_reject_bad_arguments(tiny):
+  with pytest.raises(ValueError, match="proposer"):
+    specjax.generate(tiny, PROMPTS, method="magicdec", proposer=ngram.NgramProposer())
+  with pytest.raises(ValueError, match="int gamma"):
+    specjax.generate(tiny, PROMPTS, method="hybrid", gamma="auto")
+  with pytest.raises(ValueError, match="sizing"):
+    specjax.generate(tiny, PROMPTS, method="suffix", host_sizing="widest")
+
+
+HOST_STOCHASTIC = {
+    "suffix": dict(method="suffix"),
+    "ngram": dict(method="ngram"),
+    "hybrid": dict(method="hybrid", gamma=2, sinks=1, window=3, hybrid_threshold=0.3),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOST_STOCHASTIC))
+def test_stochastic_host_drafts_preserve_target_distribution(small_vocab, kind):
+  sp = sampling.SamplingParams(temperature=1.0)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, host_sizing="longest",
+                   **HOST_STOCHASTIC[kind])
+  assert chi2 < _chi2_critical(df), (chi2, df)
+
+
+def test_stochastic_random_host_trees_preserve_target_distribution(small_vocab):
+  sp = sampling.SamplingParams(temperature=0.9, top_k=5)
+  proposer = RandomTreeProposer(small_vocab.config.vocab_size, max_nodes=6)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, method="suffix", proposer=proposer,
+                   host_sizing="longest")
+  assert chi2 < _chi2_critical(df), (chi2, df)
+
+
+def test_distribution_test_detects_broken_host_verification(small_vocab, monkeypatch):
+  sp = sampling.SamplingParams(temperature=1.0)
+  monkeypatch.setattr(verify, "verify_tree", _broken_verify)
+  monkeypatch.setattr(engine, "_COMPILED", {})  # recompile with the broken rule
+  proposer = RandomTreeProposer(small_vocab.config.vocab_size, max_nodes=6)
+  chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, method="suffix", proposer=proposer,
+                   host_sizing="longest")
+  assert chi2 > _chi2_critical(df), (chi2, df)
