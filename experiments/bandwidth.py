@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax.cost_model import best_time
+from specjax.params import param_bytes
 
 
 def machine_description() -> dict[str, str]:
@@ -42,3 +43,10 @@ def measure(size_mib: int = 512, repeats: int = 7) -> dict[str, float]:
   copy = 2 * x.nbytes / best_time(jax.jit(lambda a: a * 2), x, repeats=repeats) / 1e9
   del x
   return {"read_gbps": read, "copy_gbps": copy, "roofline_gbps": max(read, copy)}
+
+
+def step_bytes(cfg, batch: int, prompt: int, new_tokens: int) -> float:
+  """Bytes one decode step must read: all weights + each row's valid KV (mean length)."""
+  kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
+      jnp.dtype(cfg.dtype).itemsize
+  return param_bytes(cfg) + batch * kv_per_token * (prompt + (new_tokens - 1) / 2)

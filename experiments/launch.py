@@ -39,7 +39,6 @@ import numpy as np
 from experiments import bandwidth, workloads
 from specjax import cost_model, drafts, engine, kv_cache, loading, memory, sampling, sequoia
 from specjax import sharding
-from specjax.params import param_bytes
 from specjax.tree import TokenTree
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m",
@@ -115,13 +114,6 @@ class Cell:
   segments: list | None = None  # (kv_limit, drafts/round, rounds) per decode loop (auto)
 
 
-def step_bytes(cfg, batch: int, prompt: int, new_tokens: int) -> float:
-  """Bytes one decode step must read: all weights + each row's valid KV (mean length)."""
-  kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * \
-      jnp.dtype(cfg.dtype).itemsize
-  return param_bytes(cfg) + batch * kv_per_token * (prompt + (new_tokens - 1) / 2)
-
-
 def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
   """A cache of ``batch`` rows (cycling over the prefilled ones) and ``size`` slots,
   with every row's length set to ``prompt``."""
@@ -193,7 +185,7 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
             best = res
         generated = int(best.num.sum()) - batch  # the first token came from the text
         tps = generated / best.run_s
-        nbytes = step_bytes(cfg, batch, prompt, new_tokens)
+        nbytes = bandwidth.step_bytes(cfg, batch, prompt, new_tokens)
         roof = batch * bw_gbps * 1e9 / nbytes
         cell = Cell(method=method, batch=batch, context=context, new_tokens=new_tokens,
                     compile_s=best.compile_s, decode_s=best.run_s, steps=best.steps,

@@ -29,7 +29,7 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from experiments import bandwidth, launch, workloads
+from experiments import bandwidth, workloads
 from specjax import engine, loading, ngram, suffix_index
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "A model load_model accepts.")
@@ -117,7 +117,7 @@ def run_cell(model, name: str, batch: int, methods, bw_gbps: float) -> list[Cell
       raise RuntimeError(f"{method} on {name} (batch {batch}) differs from autoregressive"
                          f" at row {bad}: lossless speculation is broken.")
     st = out.stats
-    nbytes = launch.step_bytes(cfg, batch, int(mean_prompt), _NEW.value)
+    nbytes = bandwidth.step_bytes(cfg, batch, int(mean_prompt), _NEW.value)
     cell = Cell(workload=name, method=method, batch=batch, prompt_tokens=mean_prompt,
                 tokens_per_s=st.decode_tokens_per_s, decode_s=st.decode_s,
                 steps=st.decode_steps, tokens_per_forward=st.tokens_per_round,

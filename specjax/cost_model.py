@@ -27,6 +27,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specjax import drafts, model as model_lib, sequoia
 from specjax.config import ModelConfig
@@ -195,8 +196,12 @@ class ShapeSchedule:
   The engine decodes in segments (a context bucket, or a few rounds); before each it
   asks :meth:`choose` for the bucket's tree and afterwards reports what the segment
   produced to :meth:`observe`, which refits the vector's rank-0 entry
-  (:func:`fit_first_rank`). Until a speculative segment has run, ``prior`` is used and
-  the choice is never plain decoding, so the estimate starts from a measurement.
+  (:func:`fit_first_rank`) and, given the segment's wall time, replaces the
+  calibrated round time of that (bucket, tree) by the measured one. Calibration runs
+  each forward a few times in isolation; on a shared or throttled machine it can be
+  off by 2x, and the measured rounds of the generation itself are the better
+  estimate. Until a speculative segment has run, ``prior`` is used and the
+  choice is never plain decoding, so the estimate starts from a measurement.
 
   Args:
     timings: context bucket -> Timings (calibrated lazily, e.g. cached by the engine).
@@ -212,6 +217,7 @@ class ShapeSchedule:
     self._prior = tuple(float(a) for a in prior)
     self._weighted = 0.0  # sum of rank-0 fits weighted by row-rounds
     self._row_rounds = 0
+    self._measured: dict[tuple[int, TokenTree], float] = {}  # seconds per round
 
   @property
   def accept(self) -> tuple[float, ...]:
@@ -219,15 +225,29 @@ class ShapeSchedule:
       return self._prior
     return (self._weighted / self._row_rounds,) + self._prior[1:]
 
+  def round_times(self, context: int, trees) -> list[float]:
+    """Seconds per round of each tree: measured in this bucket if it ran there, else
+    calibrated."""
+    t = self._timings(context)
+    return [self._measured.get((context, u), t.round_time(u)) for u in trees]
+
   def choose(self, context: int) -> TokenTree:
     choices = self.trees
     if not self._row_rounds and any(t.max_depth for t in choices):
       choices = tuple(t for t in choices if t.max_depth)
-    return choose(self._timings(context), self.accept, choices)
+    accept = self.accept
+    tokens = [1.0 + (sequoia.expected_accepted(t, accept) if t.max_depth else 0.0)
+              for t in choices]
+    rate = [n / s for n, s in zip(tokens, self.round_times(context, choices))]
+    return choices[int(np.argmax(rate))]
 
-  def observe(self, tree: TokenTree, tokens: int, row_rounds: int) -> None:
+  def observe(self, tree: TokenTree, tokens: int, row_rounds: int, *,
+              context: int | None = None, seconds: float | None = None,
+              rounds: int = 0) -> None:
     """A segment drafting ``tree`` gained ``tokens`` over ``row_rounds`` active
-    row-rounds."""
+    row-rounds (and, if given, ran ``rounds`` rounds in ``seconds`` in ``context``)."""
+    if context is not None and seconds is not None and rounds > 0:
+      self._measured[(context, tree)] = seconds / rounds
     if not tree.max_depth or not row_rounds:
       return
     a0 = fit_first_rank(tree, self._prior, tokens / row_rounds)[0]

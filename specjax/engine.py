@@ -592,14 +592,16 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     state = exe(*args)
     lengths, num, done_rows, rounds, row_rounds = jax.device_get(
         (state.cache.lengths, state.num, state.done, state.rounds, state.row_rounds))
-    run_s += time.perf_counter() - t0
+    seg_s = time.perf_counter() - t0
+    run_s += seg_s
     if int(rounds) == rounds_before and not done_rows.all():
       raise RuntimeError(f"decode made no progress (kv_limit={limit}, lengths="
                          f"{lengths.tolist()}, done={done_rows.tolist()}); this is a bug.")
     segments.append((limit, seg_spec.shape.size - 1, int(rounds) - rounds_before))
     if schedule is not None:
       schedule.observe(seg_spec.shape, int((num - num_before).sum()),
-                       int(row_rounds) - row_rounds_before)
+                       int(row_rounds) - row_rounds_before, context=limit, seconds=seg_s,
+                       rounds=int(rounds) - rounds_before)
     done = bool(done_rows.all())
   out, num = jax.device_get((state.out, state.num))
   return DecodeResult(tokens=out, num=num, steps=int(state.rounds),
@@ -687,6 +689,7 @@ class HostStats:
   sizes: list[int] = dataclasses.field(default_factory=list)  # verify size per round
   model_rows: int = 0  # hybrid: row-rounds drafted by the model
   host_rows: int = 0  # row-rounds drafted on the host (non-empty drafts)
+  start_s: float = 0.0  # proposer.start for every row (indexing the prompts), in all
 
 
 def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
@@ -766,7 +769,8 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   for b in range(B):
     proposer.start(rids[b], prompts[b])
     proposer.extend(rids[b], [int(first_host[b])])
-  host_s = time.perf_counter() - t0
+  stats.start_s = time.perf_counter() - t0  # indexing the prompts: once per request
+  host_s = 0.0
   num, done_rows = jax.device_get((state.num, state.done))
   lengths = np.asarray(cache.lengths).copy()
   for b in np.flatnonzero(done_rows):
@@ -891,7 +895,8 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     num, done_rows = new_num, done_new
   out, num = jax.device_get((state.out, state.num))
   return DecodeResult(tokens=out, num=num, steps=int(state.rounds),
-                      row_rounds=int(state.row_rounds), compile_s=compile_s, run_s=run_s,
+                      row_rounds=int(state.row_rounds), compile_s=compile_s,
+                      run_s=run_s + stats.start_s,
                       cache=state.cache, draft_init_s=init_s, segments=segments,
                       calibrate_s=calibrate_s), stats
 

@@ -1,6 +1,7 @@
 """The speculation cost model: formulas, inversion, tree choice, calibration, schedule."""
 
 import jax
+import numpy as np
 import pytest
 
 from specjax import cost_model, drafts, sequoia
@@ -113,3 +114,25 @@ def test_schedule_measures_before_it_settles():
   assert costly.choose(1024) == chain(2)
   costly.observe(chain(2), tokens=25, row_rounds=10)
   assert costly.choose(1024) == chain(0)
+
+
+def test_schedule_trusts_measured_round_times_over_calibration():
+  """A calibration that overestimated the draft (e.g. timed on a busy machine) picks
+  plain decoding; once the segment it ran reports its real round time, and a
+  speculative probe its own, the schedule goes by the measurements."""
+  inflated = _Recorder(_timings(0.9))
+  choices = [chain(0), chain(2)]
+  schedule = cost_model.ShapeSchedule(inflated, choices, prior=(0.9,))
+  assert schedule.choose(2048) == chain(2)  # the probe
+  t = inflated.timings
+  # The probe really took a quarter of its calibrated time per round.
+  schedule.observe(chain(2), tokens=27, row_rounds=10, context=2048,
+                   seconds=10 * t.round_time(chain(2)) / 4, rounds=10)
+  np.testing.assert_allclose(schedule.round_times(2048, choices),  # AR: not run yet
+                             [t.round_time(chain(0)), t.round_time(chain(2)) / 4])
+  np.testing.assert_allclose(schedule.round_times(4096, choices),  # another bucket
+                             [t.round_time(chain(0)), t.round_time(chain(2))])
+  assert schedule.choose(2048) == chain(2)
+  calibrated_only = cost_model.ShapeSchedule(_Recorder(_timings(0.9)), choices, prior=(0.9,))
+  calibrated_only.observe(chain(2), tokens=27, row_rounds=10)
+  assert calibrated_only.choose(2048) == chain(0)
