@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bandwidth, workloads
+from experiments import bandwidth, plotting, workloads
 from specjax import cost_model, drafts, engine, kv_cache, loading, memory, sampling, sequoia
 from specjax import sharding
 from specjax.tree import TokenTree
@@ -263,22 +263,11 @@ def plot_speedups(cells: list[Cell], path: pathlib.Path) -> bool:
   methods = [m for m in dict.fromkeys(c.method for c in cells) if m != "autoregressive"]
   if not methods:
     return False
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), squeeze=False)
-  for ax, method in zip(axes[0], methods):
-    mine = [c for c in cells if c.method == method]
-    for context in sorted({c.context for c in mine}):
-      pts = sorted((c.batch, c.speedup) for c in mine if c.context == context)
-      ax.plot(*zip(*pts), marker="o", label=f"context {context}")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set(title=method, xlabel="batch", ylabel="speedup vs autoregressive")
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.speedup_panels(
+      {m: {f"context {s}": [(c.batch, c.speedup) for c in cells
+                            if c.method == m and c.context == s]
+           for s in sorted({c.context for c in cells if c.method == m})} for m in methods},
+      path)
   return True
 
 

@@ -29,7 +29,7 @@ import sys
 from absl import app, flags, logging
 import numpy as np
 
-from experiments import bandwidth, workloads
+from experiments import bandwidth, plotting, workloads
 from specjax import engine, loading, ngram, suffix_index
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "A model load_model accepts.")
@@ -46,6 +46,9 @@ _WINDOW = flags.DEFINE_integer("window", 256, "MagicDec draft KV budget (sinks i
 _SIZING = flags.DEFINE_enum("sizing", "auto", ["auto", "longest"],
                             "Host drafts' verify size per round (engine.decode_host).")
 _TREE = flags.DEFINE_bool("tree", False, "Suffix drafts as best-first trees (else paths).")
+_ALPHA = flags.DEFINE_float("alpha", suffix_index.SuffixConfig.alpha,
+                            "Suffix drafts: at most alpha * match_len + offset tokens.")
+_OFFSET = flags.DEFINE_float("offset", suffix_index.SuffixConfig.offset, "See --alpha.")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _OUT = flags.DEFINE_string("out", None, "Write results JSON here (and .md, .png beside).")
 
@@ -82,7 +85,8 @@ def _requests(name: str, n: int, seed: int):
 
 def _decoder(tree: bool, warm_prompts, warm_outputs) -> suffix_index.SuffixDecoder:
   """A suffix decoder whose global index has seen the warm-up requests."""
-  dec = suffix_index.SuffixDecoder(suffix_index.SuffixConfig(tree=tree))
+  dec = suffix_index.SuffixDecoder(suffix_index.SuffixConfig(
+      tree=tree, alpha=_ALPHA.value, offset=_OFFSET.value))
   for i, (p, o) in enumerate(zip(warm_prompts, warm_outputs)):
     dec.start(f"warm{i}", p)
     dec.extend(f"warm{i}", o)
@@ -158,23 +162,11 @@ def format_table(cells) -> str:
 
 
 def plot(cells, path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  names = list(dict.fromkeys(c.workload for c in cells))
-  fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
-  for ax, name in zip(axes[0], names):
-    for method in dict.fromkeys(c.method for c in cells if c.workload == name):
-      pts = sorted((c.batch, c.speedup) for c in cells
-                   if c.workload == name and c.method == method)
-      ax.plot(*zip(*pts), marker="o", label=method)
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xscale("log", base=2)
-    ax.set(title=name, xlabel="batch", ylabel="speedup vs autoregressive")
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  """Speedup vs batch, one panel per workload, one line per method."""
+  plotting.speedup_panels(
+      {w: {m: [(c.batch, c.speedup) for c in cells if c.workload == w and c.method == m]
+           for m in dict.fromkeys(c.method for c in cells if c.workload == w)}
+       for w in dict.fromkeys(c.workload for c in cells)}, path)
 
 
 def main(argv):
@@ -186,8 +178,12 @@ def main(argv):
   for name in _WORKLOADS.value:
     for batch in (int(b) for b in _BATCH.value):
       cells += run_cell(model, name, batch, _METHODS.value, bw["roofline_gbps"])
+      write(cells, bw, model)  # after every cell: a long run keeps what it measured
+  print(format_table(cells))
+
+
+def write(cells, bw, model) -> None:
   table = format_table(cells)
-  print(table)
   if _OUT.value:
     out = pathlib.Path(_OUT.value)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +192,7 @@ def main(argv):
             "machine": bandwidth.machine_description(), "model": model.config.name,
             "new_tokens": _NEW.value, "warm": _WARM.value, "gamma": _GAMMA.value,
             "window": _WINDOW.value, "sizing": _SIZING.value, "tree": _TREE.value,
+            "alpha": _ALPHA.value, "offset": _OFFSET.value,
             "bandwidth": bw}
     out.write_text(json.dumps({**meta, "cells": [dataclasses.asdict(c) for c in cells]},
                               indent=1))
@@ -205,11 +202,12 @@ def main(argv):
           f" jax {meta['machine']['jax']}",
           f"- greedy, {_NEW.value} new tokens per request, {_WARM.value} warm-up requests in"
           f" the global index; MagicDec/hybrid gamma={_GAMMA.value}, window={_WINDOW.value};"
-          f" host sizing {_SIZING.value}; suffix drafts as {'trees' if _TREE.value else 'paths'}",
+          f" host sizing {_SIZING.value}; suffix drafts as {'trees' if _TREE.value else 'paths'}"
+          f" of at most {_ALPHA.value:g} * match_len + {_OFFSET.value:g} tokens",
           "", table, ""]
     out.with_suffix(".md").write_text("\n".join(md))
     plot(cells, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    logging.info("wrote %s, %s and %s", out, out.with_suffix(".md"), out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -615,6 +615,7 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
 
 HOST_METHODS = ("suffix", "ngram", "hybrid")
 HOST_TREE_SIZES = (1, 2, 4, 8, 16, 32)  # compiled verify sizes for host drafts (root incl.)
+HOST_EXPLORE_ROUNDS = 8  # sizing="auto": verify some drafts at least this often
 
 
 def _host_round(params, state: DecodeState, nodes, trees: RowTrees, use_model, max_new, *,
@@ -674,6 +675,20 @@ class _Calibration:
     self.predicted += predicted
 
 
+def _hybrid_bar(model_accepted: float, spec: drafts.SpecConfig, timings) -> float:
+  """The score a row's host draft needs to beat the self-draft chain.
+
+  A row gains 1 + s tokens from a host draft of score s in one verify, and 1 + m from
+  the chain (m = its accepted drafts per round so far), which costs gamma draft forwards
+  more: the host draft is the better deal when (1 + s) / T_verify >= (1 + m) /
+  (T_verify + gamma T_draft). Without timings (``sizing="longest"``): s >= m.
+  """
+  if timings is None:
+    return model_accepted
+  verify_s = timings.target[spec.shape.size]
+  return (1.0 + model_accepted) * verify_s / timings.round_time(spec.shape) - 1.0
+
+
 def _choose_host_size(sizes, gains_fn, round_time) -> int:
   """The verify size with the most expected tokens per second of round time."""
   return max(sizes, key=lambda n: gains_fn(n) / round_time(n))
@@ -717,8 +732,9 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     prompts: the prompt ids that filled ``cache``.
     spec: the hybrid's MagicDec self-draft (a chain); None for host drafts only.
     threshold: hybrid: a row takes its host draft when the draft's calibrated score
-      (expected accepted tokens) is at least this; None compares it with the model
-      draft's accepted tokens per round measured so far.
+      (expected accepted tokens) is at least this; None compares tokens per second
+      with the model draft's, from its accepted tokens per round measured so far and
+      the calibrated draft and verify times (:func:`_hybrid_bar`).
     sizes: compiled verify sizes (root included); max_draft: drafted tokens per row
       per round at most.
     sizing: "auto" picks the round's size (truncating drafts, parents first) that
@@ -779,19 +795,21 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   host_cal = _Calibration(prior=0.5)  # accepted / predicted for host drafts
   model_accept = _Calibration(prior=0.7 * spec.gamma if spec else 0.0, weight=1.0)
   run_s, segments, calibrate_s = 0.0, [], 0.0
+  idle = 0  # rounds in a row that had host drafts but verified none (sizing="auto")
   timings_cache: dict[int, Any] = {}
 
   def timings(limit):
     nonlocal calibrate_s
     if limit not in timings_cache:
       trees = [TokenTree.chain(s - 1) for s in sizes]
-      timings_cache[limit], seconds = _calibration(params, cfg, B, limit, trees, None,
-                                                   None, mesh)
+      verify_t, seconds = _calibration(params, cfg, B, limit, trees, None, None, mesh)
       calibrate_s += seconds
-      if spec is not None:  # one level of the model draft's chain
+      if spec is not None:  # the model draft's chain: one draft level and its verify
         model, seconds = _calibration(params, cfg, B, limit, [spec.shape], spec, None, mesh)
-        timings_cache[limit].draft.update(model.draft)
         calibrate_s += seconds
+        verify_t = dataclasses.replace(verify_t, target={**model.target, **verify_t.target},
+                                       draft=dict(model.draft))
+      timings_cache[limit] = verify_t
     return timings_cache[limit]
 
   while not done_rows.all():
@@ -810,7 +828,9 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
                       for d in row_drafts])
     use_model = np.zeros(B, bool)
     if spec is not None:
-      bar = model_accept.value if threshold is None else threshold
+      bar = threshold
+      if bar is None:
+        bar = _hybrid_bar(model_accept.value, spec, t)
       use_model = active & ((score < bar) | (score == 0))
       use_model &= (max_new - num) > spec.gamma  # a full chain fits the budget
     model_rows = bool(use_model.any())
@@ -830,6 +850,11 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       draft_time = spec.gamma * t.draft[spec.shape] if model_rows else 0.0
       size = _choose_host_size([s for s in choices if s <= whole], gains,
                                lambda n: t.target[n] + draft_time)
+      # The calibration learns only from drafts that are verified: if it has talked
+      # the rounds out of verifying any, every few rounds verify a short prefix anyway.
+      idle = idle + 1 if host_rows and size == 1 else 0
+      if idle >= HOST_EXPLORE_ROUNDS:
+        size, idle = next(s for s in choices if s >= min(whole, 4)), 0
     rows = []
     node_tokens = np.zeros((B, size), np.int32)
     used = np.zeros(B)
@@ -848,8 +873,7 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
 
     fn = functools.partial(_host_round, cfg=cfg, sp=sp, spec=spec if model_rows else None,
                            eos_ids=tuple(eos_ids), kv_limit=limit)
-    args = (params, state, jnp.asarray(node_tokens), trees, jnp.asarray(use_model),
-            max_new_arr)
+    args = (params, state, node_tokens, trees, use_model, max_new_arr)  # NumPy: no convert
     in_sh = out_sh = None
     if shardings is not None:
       t_sh = RowTrees(parents=row, depths=row, ancestor_mask=row, max_depth=size - 1)

@@ -215,7 +215,7 @@ class RowTrees:
   compiled bound on any row's depth (the accepted path's length).
   """
 
-  parents: jax.Array  # i32[B, n]; -1 at the root, PAD at padding
+  parents: jax.Array  # i32[B, n]; -1 at the root, PAD at padding (NumPy on the host)
   depths: jax.Array  # i32[B, n]; position offsets (padding: 1)
   ancestor_mask: jax.Array  # bool[B, n, n]
   max_depth: int = dataclasses.field(metadata=dict(static=True))
@@ -258,8 +258,9 @@ class RowTrees:
       mask[live, i] |= mask[rows_b, par][live]
     if depths.max(initial=0) > max_depth:
       raise ValueError(f"a row's tree has depth {int(depths.max())} > max_depth={max_depth}.")
-    return cls(parents=jnp.asarray(parents), depths=jnp.asarray(depths),
-               ancestor_mask=jnp.asarray(mask), max_depth=max_depth)
+    # NumPy leaves: the jitted step takes them as they are (jnp.asarray would run a
+    # conversion compiled once per new shape, ~50 ms on the host loop's clock).
+    return cls(parents=parents, depths=depths, ancestor_mask=mask, max_depth=max_depth)
 
   def where(self, use: jax.Array, tree: TokenTree) -> RowTrees:
     """Rows where ``use`` (bool[B]) take the static ``tree`` (padded to this size),

@@ -110,12 +110,14 @@ def test_greedy_suffix_and_ngram_equal_autoregressive(tiny):
 
 @pytest.mark.parametrize("threshold", [None, 0.0, 1e9])
 def test_greedy_hybrid_equals_autoregressive(tiny, threshold):
-  """threshold 0: host drafts whenever there is one; 1e9: always the model draft."""
+  """threshold 0: host drafts whenever there is one; 1e9: always the model draft; None:
+  the cost model's bar (calibrated timings, ``host_sizing="auto"``)."""
   budgets = [24, 17, 40]
   prompts = [[5, 6, 7, 8, 9, 10, 11] * 6, [3, 4], list(range(20, 61)) * 2]
   ar = specjax.generate(tiny, prompts, max_new_tokens=budgets)
   out = specjax.generate(tiny, prompts, max_new_tokens=budgets, method="hybrid", gamma=3,
-                         sinks=2, window=8, hybrid_threshold=threshold, host_sizing="longest")
+                         sinks=2, window=8, hybrid_threshold=threshold,
+                         host_sizing="auto" if threshold is None else "longest")
   assert out.tokens == ar.tokens
   host = out.stats.host
   if threshold == 1e9:  # host drafts only in a row's last rounds, where a chain won't fit
@@ -177,3 +179,15 @@ def test_distribution_test_detects_broken_host_verification(small_vocab, monkeyp
   chi2, df = _chi2(small_vocab, PROMPT, sp, 12000, method="suffix", proposer=proposer,
                    host_sizing="longest")
   assert chi2 > _chi2_critical(df), (chi2, df)
+
+
+def test_sharded_host_drafts_equal_single_device(tiny):
+  """suffix and hybrid on a (2, 4) mesh of fake CPU devices: the same tokens."""
+  from specjax import sharding  # pylint: disable=g-import-not-at-top
+  prompts = [[5, 6, 7, 8, 9, 10, 11] * 6, [3, 4, 3, 4, 3, 4, 9], list(range(20, 61)), [7, 7]]
+  mesh = sharding.make_mesh(2, 4)
+  for kw in (dict(method="suffix"), dict(method="hybrid", gamma=2, sinks=2, window=8)):
+    one = specjax.generate(tiny, prompts, max_new_tokens=12, host_sizing="longest", **kw)
+    many = specjax.generate(tiny, prompts, max_new_tokens=12, host_sizing="longest",
+                            mesh=mesh, **kw)
+    assert many.tokens == one.tokens, kw
