@@ -15,7 +15,9 @@ bytes per cached token, and the fraction of the memory-bandwidth roofline::
 
 A stream: ``--warm`` earlier requests of the workload are decoded first (untimed) and
 their outputs fed to the suffix decoders' global index, as a server would have seen
-them; then the timed batch. ``--warm=0`` measures the per-request index alone.
+them; then the timed batches, at least ``--requests`` requests in all, one batch after
+another (so batch 1 is not one request's luck). ``--warm=0`` measures the per-request
+index alone.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ _METHODS = flags.DEFINE_list("method", ["ngram", "suffix", "magicdec", "hybrid"]
                              "Methods besides the autoregressive baseline (always run).")
 _BATCH = flags.DEFINE_list("batch", ["1", "8", "32"], "Batch sizes.")
 _NEW = flags.DEFINE_integer("new_tokens", 128, "Tokens generated per request.")
+_REQUESTS = flags.DEFINE_integer("requests", 8, "Timed requests per cell at least: batches"
+                                  " of the cell's size run one after another (a stream).")
 _WARM = flags.DEFINE_integer("warm", 16, "Earlier requests whose outputs fill the global"
                              " suffix index before the timed batch.")
 _GAMMA = flags.DEFINE_integer("gamma", 3, "MagicDec / hybrid self-draft chain length.")
@@ -96,8 +100,9 @@ def _decoder(tree: bool, warm_prompts, warm_outputs) -> suffix_index.SuffixDecod
 
 def run_cell(model, name: str, batch: int, methods, bw_gbps: float) -> list[Cell]:
   cfg = model.config
-  reqs = workloads.encode_requests(model.tokenizer, _requests(name, _WARM.value + batch,
-                                                              _SEED.value))
+  n_batches = max(1, -(-_REQUESTS.value // batch))
+  reqs = workloads.encode_requests(
+      model.tokenizer, _requests(name, _WARM.value + n_batches * batch, _SEED.value))
   warm, timed = reqs[:_WARM.value], reqs[_WARM.value:]
   common = dict(max_new_tokens=_NEW.value, temperature=0.0)
   warm_out = []
@@ -113,24 +118,33 @@ def run_cell(model, name: str, batch: int, methods, bw_gbps: float) -> list[Cell
       kw.update(proposer=_decoder(_TREE.value, warm, warm_out), host_sizing=_SIZING.value)
     if method == "ngram":
       kw.update(proposer=ngram.NgramProposer(), host_sizing=_SIZING.value)
-    out = engine.generate(model, timed, **common, **kw)
+    runs = [engine.generate(model, timed[i:i + batch], **common, **kw)
+            for i in range(0, len(timed), batch)]  # one stream: a proposer keeps learning
+    tokens = [t for out in runs for t in out.tokens]
     if ref is None:
-      ref = out.tokens
-    elif out.tokens != ref:
-      bad = next(b for b in range(batch) if out.tokens[b] != ref[b])
+      ref = tokens
+    elif tokens != ref:
+      bad = next(b for b in range(len(ref)) if tokens[b] != ref[b])
       raise RuntimeError(f"{method} on {name} (batch {batch}) differs from autoregressive"
-                         f" at row {bad}: lossless speculation is broken.")
-    st = out.stats
+                         f" at request {bad}: lossless speculation is broken.")
+    decode_s = sum(o.stats.decode_s for o in runs)
+    generated = sum(o.stats.new_tokens - o.stats.batch for o in runs)
+    row_rounds = sum((o.stats.new_tokens - o.stats.batch) / o.stats.tokens_per_round
+                     for o in runs)
+    tps = generated / decode_s
     nbytes = bandwidth.step_bytes(cfg, batch, int(mean_prompt), _NEW.value)
     cell = Cell(workload=name, method=method, batch=batch, prompt_tokens=mean_prompt,
-                tokens_per_s=st.decode_tokens_per_s, decode_s=st.decode_s,
-                steps=st.decode_steps, tokens_per_forward=st.tokens_per_round,
-                roofline_fraction=st.decode_tokens_per_s / (batch * bw_gbps * 1e9 / nbytes))
-    if st.host is not None:
-      host_us = 1e6 * np.asarray(st.host.host_s_per_row)
+                tokens_per_s=tps, decode_s=decode_s,
+                steps=sum(o.stats.decode_steps for o in runs),
+                tokens_per_forward=generated / row_rounds,
+                roofline_fraction=tps / (batch * bw_gbps * 1e9 / nbytes))
+    hosts = [o.stats.host for o in runs if o.stats.host is not None]
+    if hosts:
+      host_us = 1e6 * np.concatenate([h.host_s_per_row for h in hosts])
       cell.host_us_p50, cell.host_us_p99 = (float(np.percentile(host_us, q)) for q in (50, 99))
-      cell.device_ms_p50 = float(1e3 * np.median(st.host.device_s))
-      cell.host_rows, cell.model_rows = st.host.host_rows, st.host.model_rows
+      cell.device_ms_p50 = float(1e3 * np.median(np.concatenate([h.device_s for h in hosts])))
+      cell.host_rows = sum(h.host_rows for h in hosts)
+      cell.model_rows = sum(h.model_rows for h in hosts)
     if method in ("suffix", "hybrid"):
       s = kw["proposer"].stats()
       cell.index_bytes_per_token = s.get("bytes_per_token")
