@@ -22,8 +22,14 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# The interpret-mode Pallas kernel tests run in a process of their own: after the rest
+# of the suite (hundreds of compiled programs in one process) XLA:CPU has crashed
+# (SIGSEGV) compiling their references, while the same tests pass in a fresh process.
+KERNEL_TESTS := tests/test_tree_attention_kernel.py
+
 test: venv
-	$(VPY) -m pytest $(ARGS)
+	$(VPY) -m pytest $(ARGS) --ignore=$(KERNEL_TESTS)
+	$(VPY) -m pytest $(KERNEL_TESTS) $(ARGS) || test $$? -eq 5
 
 demo: venv
 	$(VPY) -m experiments.launch $(ARGS)
