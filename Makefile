@@ -1,7 +1,7 @@
 # Developer entry points. `make test` works from a fresh clone: it builds .venv first.
 #
 #   make venv                 # .venv with specjax (editable) and pytest
-#   make test [ARGS=-k engine]
+#   make test [ARGS=-k engine] [WORKERS=2]
 #   make demo [ARGS=--help]   # default benchmark on SmolLM2 (experiments/launch.py)
 #   make clean                # build/test caches; `make distclean` also drops .venv
 
@@ -26,9 +26,14 @@ $(VENV)/.installed: pyproject.toml
 # of the suite (hundreds of compiled programs in one process) XLA:CPU has crashed
 # (SIGSEGV) compiling their references, while the same tests pass in a fresh process.
 KERNEL_TESTS := tests/test_tree_attention_kernel.py
+# The rest runs on this many pytest-xdist workers, a test file per worker at a time
+# (module fixtures such as the prefilled SmolLM2 batch are built once): compilation is
+# single-threaded, so two workers keep both cores of the CI machine busy. WORKERS=0
+# runs in this process.
+WORKERS ?= 2
 
 test: venv
-	$(VPY) -m pytest $(ARGS) --ignore=$(KERNEL_TESTS)
+	$(VPY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS) --ignore=$(KERNEL_TESTS)
 	$(VPY) -m pytest $(KERNEL_TESTS) $(ARGS) || test $$? -eq 5
 
 demo: venv

@@ -199,8 +199,9 @@ class ShapeSchedule:
   (:func:`fit_first_rank`) and, given the segment's wall time, replaces the
   calibrated round time of that (bucket, tree) by the measured one. Calibration runs
   each forward a few times in isolation; on a shared or throttled machine it can be
-  off by 2x, and the measured rounds of the generation itself are the better
-  estimate. Until a speculative segment has run, ``prior`` is used and the
+  off by 2x (and a draft forward timed alone is not one inside the decode loop), and
+  the measured rounds of the generation itself are the better estimate: of the trees
+  that ran, and through :meth:`draft_scale` of the drafting of those that did not. Until a speculative segment has run, ``prior`` is used and the
   choice is never plain decoding, so the estimate starts from a measurement.
 
   Args:
@@ -225,11 +226,27 @@ class ShapeSchedule:
       return self._prior
     return (self._weighted / self._row_rounds,) + self._prior[1:]
 
+  def draft_scale(self, context: int) -> float:
+    """How far the drafting in this bucket's measured rounds was from its calibration:
+    the median over the speculative trees that ran of (measured round time - calibrated
+    verify) / calibrated drafting, clipped to [1/4, 4]; 1 before any ran."""
+    return self._draft_scale(context, self._timings(context))
+
+  def _draft_scale(self, context: int, t: Timings) -> float:
+    ratios = [(seconds - t.target[u.size]) / (t.round_time(u) - t.target[u.size])
+              for (c, u), seconds in self._measured.items()
+              if c == context and u.max_depth and t.round_time(u) > t.target[u.size]]
+    return float(np.clip(np.median(ratios), 0.25, 4.0)) if ratios else 1.0
+
   def round_times(self, context: int, trees) -> list[float]:
     """Seconds per round of each tree: measured in this bucket if it ran there, else
-    calibrated."""
+    calibrated, with the drafting rescaled by :meth:`draft_scale` (one draft forward
+    timed in isolation can be far from one inside the decode loop)."""
     t = self._timings(context)
-    return [self._measured.get((context, u), t.round_time(u)) for u in trees]
+    scale = self._draft_scale(context, t)
+    return [self._measured.get((context, u),
+                               t.target[u.size] + scale * (t.round_time(u) - t.target[u.size]))
+            for u in trees]
 
   def choose(self, context: int) -> TokenTree:
     choices = self.trees

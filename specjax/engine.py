@@ -457,7 +457,7 @@ class DecodeResult:
 
 DECODE_BUCKET = 1024  # decode loops read a power-of-two multiple of this many slots
 AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # gamma="auto" chooses among these chains
-AUTO_TREE_SIZES = (4, 8, 16, 32, 64)  # tree="auto" chooses among optimal trees of these
+AUTO_TREE_SIZES = (3, 4, 5, 8, 16, 32, 64)  # tree="auto": optimal trees of these
 AUTO_TREE_DEPTHS = (2, 4, 8)  # ... sizes (root included) and depth limits
 AUTO_SEGMENT_ROUNDS = 16  # auto: rounds between re-estimates of the acceptance
 AUTO_PROBE_ROUNDS = 4  # ... and before the first one
@@ -660,8 +660,8 @@ def _host_round(params, state: DecodeState, nodes, trees: RowTrees, use_model, m
 
 
 class _Calibration:
-  """Online ratio of accepted to predicted drafts (the proposers' scores are frequency
-  estimates; this corrects their scale from what verification actually accepted)."""
+  """Online ratio of accepted to predicted drafts (a prior of ``prior`` worth
+  ``weight`` observations): the hybrid's self-draft acceptance per row-round."""
 
   def __init__(self, prior: float, weight: float = 8.0):
     self.accepted, self.predicted = prior * weight, weight
@@ -673,6 +673,43 @@ class _Calibration:
   def observe(self, accepted: float, predicted: float) -> None:
     self.accepted += accepted
     self.predicted += predicted
+
+
+class _DepthCalibration:
+  """Host drafts' acceptance per draft depth: accepted / predicted, where predicted is
+  the sum of the proposer's probabilities of the verified nodes at that depth and
+  accepted counts the rows whose accepted path reached it (a prior of ``prior``
+  worth ``weight`` observations per depth).
+
+  The proposers' probabilities are frequency estimates (a copy seen once scores 1 all
+  the way down); what verification accepts falls off with depth faster than they do,
+  so one scale for every depth overrates long drafts. This is the host drafts'
+  counterpart of Sequoia's positional acceptance vector.
+  """
+
+  def __init__(self, max_depth: int, prior: float = 0.5, weight: float = 8.0):
+    self.accepted = np.full(max_depth + 1, prior * weight)
+    self.predicted = np.full(max_depth + 1, weight)
+    self.accepted[0] = weight  # depth 0, the root: always kept
+
+  def factors(self) -> np.ndarray:
+    """Per depth; never above a shallower depth's (a row reaches depth d only through
+    d - 1), so a rarely verified deep depth does not keep its optimistic prior."""
+    return np.minimum.accumulate(self.accepted / self.predicted)
+
+  def observe(self, depths: np.ndarray, probs: np.ndarray, accepted: int) -> None:
+    """One verified draft: its nodes' depths and probabilities, and how many of its
+    tokens were accepted (the accepted path's depth)."""
+    np.add.at(self.predicted, depths, probs)
+    self.accepted[1:min(int(accepted), int(depths.max(initial=0))) + 1] += 1.0
+
+
+def _draft_depths(parents: Sequence[int]) -> np.ndarray:
+  """Depth (root = 0) of every node of a draft whose parents come first."""
+  depth = np.zeros(len(parents), np.int64)
+  for i, p in enumerate(parents):
+    depth[i] = 1 if p < 0 else depth[p] + 1
+  return depth
 
 
 def _hybrid_bar(model_accepted: float, spec: drafts.SpecConfig, timings) -> float:
@@ -692,6 +729,42 @@ def _hybrid_bar(model_accepted: float, spec: drafts.SpecConfig, timings) -> floa
 def _choose_host_size(sizes, gains_fn, round_time) -> int:
   """The verify size with the most expected tokens per second of round time."""
   return max(sizes, key=lambda n: gains_fn(n) / round_time(n))
+
+
+def _plan_host_round(use_model, active, row_drafts, expect, sizes, spec, timings,
+                     measured, limit, model_accepted):
+  """A host-drafted round's plan when the rows in ``use_model`` take the self-draft.
+
+  Args:
+    expect: row -> calibrated expected accepted tokens of its draft's first k nodes
+      (index k - 1); timings: the bucket's calibration, None for ``sizing="longest"``;
+    measured: (limit, size, with_model) -> measured round seconds, or None.
+
+  Returns:
+    (host_rows, size, whole, rate): the rows verifying a host draft, the verify size
+    (the one with the most expected tokens per second, or ``whole`` without timings),
+    the smallest size holding every host draft, and the expected tokens per second.
+  """
+  model_rows = bool(use_model.any())
+  host_rows = [b for b in np.flatnonzero(active & ~use_model)
+               if row_drafts[b] is not None and row_drafts[b].tokens]
+  longest = max((len(row_drafts[b].tokens) + 1 for b in host_rows), default=1)
+  floor = spec.shape.size if model_rows else 1
+  choices = [s for s in sizes if s >= floor]
+  whole = next((s for s in choices if s >= longest), choices[-1])  # holds every draft
+  if timings is None:
+    return host_rows, whole, whole, 0.0
+  gain_m = model_accepted * use_model.sum()
+  gains = lambda n: int(active.sum()) + gain_m + sum(
+      expect[b][min(n - 1, len(expect[b])) - 1] if n > 1 else 0.0 for b in host_rows)
+  draft_time = spec.gamma * timings.draft[spec.shape] if model_rows else 0.0
+
+  def round_time(n):  # measured in this bucket once it ran there, else calibrated
+    seen = measured((limit, n, model_rows))
+    return float(np.median(seen[-8:])) if seen else timings.target[n] + draft_time
+
+  size = _choose_host_size([s for s in choices if s <= whole], gains, round_time)
+  return host_rows, size, whole, gains(size) / round_time(size)
 
 
 @dataclasses.dataclass
@@ -734,12 +807,17 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     threshold: hybrid: a row takes its host draft when the draft's calibrated score
       (expected accepted tokens) is at least this; None compares tokens per second
       with the model draft's, from its accepted tokens per round measured so far and
-      the calibrated draft and verify times (:func:`_hybrid_bar`).
+      the calibrated draft and verify times (:func:`_hybrid_bar`); with
+      ``sizing="auto"`` a round also drops the self-draft when the cost model expects
+      more tokens per second without it.
     sizes: compiled verify sizes (root included); max_draft: drafted tokens per row
       per round at most.
     sizing: "auto" picks the round's size (truncating drafts, parents first) that
-      maximises expected tokens per second under the cost model calibrated on this
-      machine; "longest" uses the smallest size holding every row's whole draft.
+      maximises expected tokens per second: expected tokens from the proposers'
+      probabilities rescaled per draft depth by what verification has accepted
+      (``_DepthCalibration``), seconds from the round times measured at that size in
+      this context bucket, or the calibrated cost model before one ran there;
+      "longest" uses the smallest size holding every row's whole draft.
 
   Returns:
     (DecodeResult, HostStats); ``run_s`` counts the device rounds and the host's
@@ -792,7 +870,8 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   for b in np.flatnonzero(done_rows):
     proposer.finish(rids[b])
   size_limit = cache.size
-  host_cal = _Calibration(prior=0.5)  # accepted / predicted for host drafts
+  host_cal = _DepthCalibration(max_draft)  # accepted / predicted per draft depth
+  measured: dict[tuple[int, int, bool], list[float]] = {}  # (limit, size, model) -> s
   model_accept = _Calibration(prior=0.7 * spec.gamma if spec else 0.0, weight=1.0)
   run_s, segments, calibrate_s = 0.0, [], 0.0
   idle = 0  # rounds in a row that had host drafts but verified none (sizing="auto")
@@ -823,9 +902,12 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       budget = min(max_draft, remaining - 1)
       row_drafts[b] = proposer.propose(rids[b], max_tokens=budget, max_depth=budget) \
           if budget > 0 else None
-    scale = host_cal.value
-    score = np.array([scale * d.score if d is not None and d.tokens else 0.0
-                      for d in row_drafts])
+    factors = host_cal.factors()
+    depths = {b: _draft_depths(d.parents) for b, d in enumerate(row_drafts)
+              if d is not None and d.tokens}
+    expect = {b: np.cumsum(factors[depths[b]] * np.asarray(row_drafts[b].probs))
+              for b in depths}  # calibrated expected accepted tokens, node by node
+    score = np.array([expect[b][-1] if b in expect else 0.0 for b in range(B)])
     use_model = np.zeros(B, bool)
     if spec is not None:
       bar = threshold
@@ -833,38 +915,34 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
         bar = _hybrid_bar(model_accept.value, spec, t)
       use_model = active & ((score < bar) | (score == 0))
       use_model &= (max_new - num) > spec.gamma  # a full chain fits the budget
+    host_rows, size, whole, rate = _plan_host_round(
+        use_model, active, row_drafts, expect, sizes, spec, t, measured.get, limit,
+        model_accept.value)
+    if spec is not None and threshold is None and t is not None and use_model.any():
+      # The self-draft is worth its forwards only if the round beats one without it
+      # (on a compute-bound machine it often does not: plain decoding, host drafts).
+      alt = _plan_host_round(np.zeros(B, bool), active, row_drafts, expect, sizes, spec, t,
+                             measured.get, limit, model_accept.value)
+      if alt[3] > rate:
+        use_model = np.zeros(B, bool)
+        host_rows, size, whole, rate = alt
     model_rows = bool(use_model.any())
-    host_rows = [b for b in np.flatnonzero(active & ~use_model)
-                 if row_drafts[b] is not None and row_drafts[b].tokens]
-    longest = max((len(row_drafts[b].tokens) + 1 for b in host_rows), default=1)
-    floor = spec.shape.size if model_rows else 1
-    choices = [s for s in sizes if s >= floor]
-    whole = next((s for s in choices if s >= longest), choices[-1])  # holds every draft
-    if sizing == "longest":
-      size = whole
-    else:
-      gain_m = model_accept.value * use_model.sum()
-      prob = {b: np.cumsum(row_drafts[b].probs) * scale for b in host_rows}
-      gains = lambda n: int(active.sum()) + gain_m + sum(
-          p[min(n - 1, len(p)) - 1] if n > 1 else 0.0 for p in prob.values())
-      draft_time = spec.gamma * t.draft[spec.shape] if model_rows else 0.0
-      size = _choose_host_size([s for s in choices if s <= whole], gains,
-                               lambda n: t.target[n] + draft_time)
+    if sizing == "auto":
       # The calibration learns only from drafts that are verified: if it has talked
       # the rounds out of verifying any, every few rounds verify a short prefix anyway.
       idle = idle + 1 if host_rows and size == 1 else 0
       if idle >= HOST_EXPLORE_ROUNDS:
-        size, idle = next(s for s in choices if s >= min(whole, 4)), 0
+        size, idle = next(s for s in sizes if s >= max(size, min(whole, 4))), 0
     rows = []
     node_tokens = np.zeros((B, size), np.int32)
-    used = np.zeros(B)
+    kept = np.zeros(B, np.int64)  # host-drafted nodes verified per row
     for b in range(B):
       d = row_drafts[b]
       if b in host_rows:
         k = min(len(d.tokens), size - 1)
         rows.append((-1,) + tuple(p + 1 for p in d.parents[:k]))
         node_tokens[b, 1:k + 1] = d.tokens[:k]
-        used[b] = sum(d.probs[:k])  # the proposer's own (uncalibrated) estimate
+        kept[b] = k
       else:
         rows.append((-1,))
     trees = RowTrees.from_parents(rows, size, size - 1)
@@ -898,9 +976,10 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       if done_new[b]:
         proposer.finish(rids[b])
     gained = np.asarray(new_num - num, np.float64) - 1.0  # accepted drafts (about)
-    if host_rows:
-      host_cal.observe(float(np.clip(gained[host_rows], 0, None).sum()),
-                       float(used[host_rows].sum()))
+    for b in host_rows:
+      k = kept[b]
+      host_cal.observe(depths[b][:k], np.asarray(row_drafts[b].probs[:k]), max(gained[b], 0))
+    measured.setdefault((limit, size, model_rows), []).append(device_s)
     if model_rows:
       model_accept.observe(float(np.clip(gained[use_model], 0, None).sum()),
                            float(use_model.sum()))
@@ -1105,10 +1184,13 @@ def generate(model,
     hybrid_threshold: ``method="hybrid"``: a row takes its suffix draft in a round
       when the draft's calibrated score (expected accepted tokens) is at least this,
       and the MagicDec self-draft chain of ``gamma`` otherwise; None (default)
-      compares it with the self-draft's accepted tokens per round measured so far.
+      compares it with the self-draft's accepted tokens per round measured so far,
+      and (``host_sizing="auto"``) skips the self-draft in rounds where the cost model
+      expects it not to pay for its draft forwards.
     host_sizing: host-drafted methods: "auto" verifies each round at the compiled
-      size (``engine.HOST_TREE_SIZES``) with the most expected tokens per second under
-      the cost model calibrated on this machine, truncating longer drafts; "longest"
+      size (``engine.HOST_TREE_SIZES``) with the most expected tokens per second (the
+      acceptance per draft depth and the round times measured so far, the calibrated
+      cost model until then), truncating longer drafts; "longest"
       at the smallest size holding every row's whole draft.
     max_draft: host-drafted methods: drafted tokens per row per round at most.
     attention_impl: "auto" (the Pallas kernel on GPU/TPU, XLA on CPU), "pallas" (the

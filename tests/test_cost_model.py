@@ -136,3 +136,21 @@ def test_schedule_trusts_measured_round_times_over_calibration():
   calibrated_only = cost_model.ShapeSchedule(_Recorder(_timings(0.9)), choices, prior=(0.9,))
   calibrated_only.observe(chain(2), tokens=27, row_rounds=10)
   assert calibrated_only.choose(2048) == chain(0)
+
+
+def test_schedule_rescales_the_drafting_of_trees_that_did_not_run():
+  """The probe's measured round shows drafting at half its calibrated cost: the trees
+  not run yet are predicted with their drafting halved, their verify unchanged."""
+  timings = _Recorder(_timings(0.4))
+  choices = [chain(0), chain(2), chain(4), chain(8)]
+  schedule = cost_model.ShapeSchedule(timings, choices, prior=(0.9,))
+  t = timings.timings
+  assert schedule.draft_scale(2048) == 1.0
+  half = t.target[9] + 0.5 * (t.round_time(chain(8)) - t.target[9])
+  schedule.observe(chain(8), tokens=60, row_rounds=10, context=2048, seconds=10 * half,
+                   rounds=10)
+  assert schedule.draft_scale(2048) == pytest.approx(0.5)
+  assert schedule.draft_scale(4096) == 1.0  # another bucket: its own calibration
+  np.testing.assert_allclose(
+      schedule.round_times(2048, choices),
+      [t.target[1], t.target[3] + 0.5 * 2 * 0.4, t.target[5] + 0.5 * 4 * 0.4, half])

@@ -191,3 +191,55 @@ def test_sharded_host_drafts_equal_single_device(tiny):
     many = specjax.generate(tiny, prompts, max_new_tokens=12, host_sizing="longest",
                             mesh=mesh, **kw)
     assert many.tokens == one.tokens, kw
+
+
+def test_depth_calibration_learns_where_drafts_stop_being_accepted():
+  cal = engine._DepthCalibration(max_depth=8)
+  path = np.arange(1, 9)
+  for _ in range(60):  # drafts of 8 tokens scored 1.0 each; the first 2 are accepted
+    cal.observe(path, np.ones(8), accepted=2)
+  f = cal.factors()
+  assert f[1] > 0.9 and f[2] > 0.9 and f[3:].max() < 0.1
+  assert np.all(np.diff(f) <= 0)  # deeper never above shallower
+  # With verify time growing in the size, the calibrated gains pick size 4, not 8/16.
+  gains = lambda n: 1.0 + np.cumsum(f[path])[min(n - 1, 8) - 1] if n > 1 else 1.0
+  assert engine._choose_host_size([1, 2, 4, 8, 16], gains, lambda n: 1.0 + 0.05 * n) == 4
+  # A tree: two nodes at depth 1 share the depth's prediction; one accepted path.
+  cal.observe(np.array([1, 1, 2]), np.array([0.5, 0.5, 0.5]), accepted=1)
+  assert cal.predicted[1] == pytest.approx(8 + 60 + 1.0)
+
+
+def test_draft_depths_follow_parents():
+  assert engine._draft_depths([-1, 0, 1, -1, 3, 0]).tolist() == [1, 2, 3, 1, 2, 2]
+  assert engine._draft_depths([]).tolist() == []
+
+
+def test_hybrid_round_drops_the_self_draft_when_it_does_not_pay():
+  """The hybrid's self-draft costs gamma draft forwards a round: the round plan keeps
+  it only where its expected tokens per second beat a round without it."""
+  from specjax import cost_model  # pylint: disable=g-import-not-at-top
+
+  spec = engine.spec_config("hybrid", gamma=3)
+  sizes = (1, 2, 4, 8)
+  active, model = np.ones(2, bool), np.ones(2, bool)
+  host_draft = Draft(tokens=[7, 8, 9], parents=[-1, 0, 1], probs=[1.0] * 3, match_len=4,
+                     source="local")
+  expect = {1: np.array([0.9, 1.7, 2.4])}  # row 1 has a host draft; row 0 none
+
+  def plan(draft_s, use_model, measured=None):
+    t = cost_model.Timings(batch=2, context=1024, target={1: 1.0, 2: 1.0, 4: 1.1, 8: 1.3},
+                           draft={spec.shape: draft_s})
+    return engine._plan_host_round(use_model, active, [None, host_draft], expect, sizes,
+                                   spec, t, (measured or {}).get, 1024, 2.0)
+
+  none = np.zeros(2, bool)
+  rows, size, whole, rate = plan(0.5, none)
+  assert rows == [1] and whole == 4 and size == 4 and rate == pytest.approx((2 + 2.4) / 1.1)
+  # Cheap draft forwards: both rows self-drafting (2 accepted each) is the better round.
+  assert plan(0.01, model)[3] > plan(0.01, none)[3]
+  # Expensive ones (0.5 s each, three a round): the round without them is better.
+  assert plan(0.5, model)[3] < plan(0.5, none)[3]
+  # A measured round time replaces the calibrated one.
+  assert plan(0.5, none, {(1024, 4, False): [4.0, 4.4, 4.2]})[1] == 2
+  slow = {(1024, 4, False): [4.2], (1024, 2, False): [3.0]}
+  assert plan(0.5, none, slow)[1] == 1  # verifying the host draft now costs too much

@@ -34,7 +34,7 @@ def test_launcher_runs_auto_gamma_and_sequoia_trees(smollm2_path, tmp_path):
   del smollm2_path
   out = tmp_path / "s.json"
   cmd = [sys.executable, "-m", "experiments.launch", "--method=magicdec,sequoia",
-         "--gamma=2,auto", "--tree=6,auto", "--tree_depth=4", "--batch=2", "--context=160",
+         "--gamma=2,auto", "--tree=6,auto", "--tree_depth=2", "--batch=2", "--context=160",
          "--new_tokens=12", "--repeats=1", "--window=64", f"--out={out}"]
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -46,4 +46,4 @@ def test_launcher_runs_auto_gamma_and_sequoia_trees(smollm2_path, tmp_path):
     assert cells[label]["segments"] and cells[label]["auto_choice"]
   assert cells["sequoia/streaming/n6"]["predicted_speedup"] > 0
   assert cells["magicdec/streaming/g2"]["auto_choice"] in ("g0", "g2")
-  assert 1 <= cells["sequoia/streaming/n6"]["mean_accepted"] <= 6
+  assert 1 <= cells["sequoia/streaming/n6"]["mean_accepted"] <= 3  # depth 2

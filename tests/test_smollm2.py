@@ -38,13 +38,14 @@ def test_logits_are_a_sharp_next_token_distribution(smollm2):
 
 @pytest.fixture(scope="module")
 def long_ragged(smollm2):
-  """A ragged batch of real standard-library text, the longest row 4096 tokens,
-  prefilled once: (prompts, cache, first tokens, max_new, autoregressive tokens)."""
+  """A ragged batch of real standard-library text, the longest row 2048 tokens (4x the
+  self-draft's 512-position budget, 8x the draft ring), prefilled once: (prompts,
+  cache, first tokens, max_new, autoregressive tokens)."""
   from experiments import workloads  # pylint: disable=g-import-not-at-top
 
   cfg = smollm2.config
-  rows = workloads.stdlib_prompts(smollm2.tokenizer, 3, 4096)
-  prompts = [rows[0], rows[1][:2500], rows[2][:1200]]
+  rows = workloads.stdlib_prompts(smollm2.tokenizer, 3, 2048)
+  prompts = [rows[0], rows[1][:1400], rows[2][:800]]
   max_new = np.array([24, 24, 24], np.int32)
   size = engine.plan_cache_size(cfg, [len(p) for p in prompts], max_new, None)
   cache = kv_cache.init_cache(cfg, len(prompts), size)
