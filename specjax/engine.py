@@ -705,7 +705,8 @@ class _DepthCalibration:
 
 
 def _draft_depths(parents: Sequence[int]) -> np.ndarray:
-  """Depth (root = 0) of every node of a draft whose parents come first."""
+  """Depth of every node of a draft whose parents come first (the root, depth 0, is
+  not listed: parent -1)."""
   depth = np.zeros(len(parents), np.int64)
   for i, p in enumerate(parents):
     depth[i] = 1 if p < 0 else depth[p] + 1
