@@ -70,9 +70,12 @@ class Timings:
   target: dict[int, float]  # n new tokens -> target forward time
   draft: dict[TokenTree, float]  # tree -> one draft level (its widest) time
 
+  def drafting(self, tree: TokenTree) -> float:
+    """A round's draft forwards: one per level."""
+    return tree.max_depth * self.draft[tree] if tree.max_depth else 0.0
+
   def round_time(self, tree: TokenTree) -> float:
-    drafting = tree.max_depth * self.draft[tree] if tree.max_depth else 0.0
-    return drafting + self.target[tree.size]
+    return self.drafting(tree) + self.target[tree.size]
 
   def predicted_speedup(self, tree: TokenTree, accept) -> float:
     tokens = 1.0 + (sequoia.expected_accepted(tree, accept) if tree.max_depth else 0.0)
@@ -201,8 +204,9 @@ class ShapeSchedule:
   each forward a few times in isolation; on a shared or throttled machine it can be
   off by 2x (and a draft forward timed alone is not one inside the decode loop), and
   the measured rounds of the generation itself are the better estimate: of the trees
-  that ran, and through :meth:`draft_scale` of the drafting of those that did not. Until a speculative segment has run, ``prior`` is used and the
-  choice is never plain decoding, so the estimate starts from a measurement.
+  that ran, and through :meth:`draft_scale` of the drafting of those that did not.
+  Until a speculative segment has run, ``prior`` is used and the choice is never
+  plain decoding, so the estimate starts from a measurement.
 
   Args:
     timings: context bucket -> Timings (calibrated lazily, e.g. cached by the engine).
@@ -233,9 +237,9 @@ class ShapeSchedule:
     return self._draft_scale(context, self._timings(context))
 
   def _draft_scale(self, context: int, t: Timings) -> float:
-    ratios = [(seconds - t.target[u.size]) / (t.round_time(u) - t.target[u.size])
+    ratios = [(seconds - t.target[u.size]) / t.drafting(u)
               for (c, u), seconds in self._measured.items()
-              if c == context and u.max_depth and t.round_time(u) > t.target[u.size]]
+              if c == context and t.drafting(u) > 0]
     return float(np.clip(np.median(ratios), 0.25, 4.0)) if ratios else 1.0
 
   def round_times(self, context: int, trees) -> list[float]:
@@ -244,8 +248,7 @@ class ShapeSchedule:
     timed in isolation can be far from one inside the decode loop)."""
     t = self._timings(context)
     scale = self._draft_scale(context, t)
-    return [self._measured.get((context, u),
-                               t.target[u.size] + scale * (t.round_time(u) - t.target[u.size]))
+    return [self._measured.get((context, u), t.target[u.size] + scale * t.drafting(u))
             for u in trees]
 
   def choose(self, context: int) -> TokenTree:
