@@ -86,6 +86,8 @@ _DISTINCT = flags.DEFINE_integer("distinct_rows", 1,
 _CHUNK = flags.DEFINE_integer("prefill_chunk", engine.DEFAULT_PREFILL_CHUNK,
                               "Prefill chunk length.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per cell (the best is kept).")
+_COMPACT = flags.DEFINE_bool("compact_batch", True, "Drop finished rows from the batch as"
+                             " they finish (engine.decode's compact_batch).")
 _MESH = flags.DEFINE_list("mesh", [], "data,model mesh shape, e.g. 1,8 (default: none).")
 _PROFILE = flags.DEFINE_string("profile_dir", None,
                                "Capture an XLA trace (jax.profiler) of the decode runs.")
@@ -179,7 +181,8 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                                 draft_params=draft_params if specs[method].draft_cfg
                                 else None,
                                 auto=auto.get(method), acceptance=_prior(specs[method],
-                                                                          acceptance))
+                                                                          acceptance),
+                                compact_batch=_COMPACT.value)
           del view, res.cache
           if best is None or res.run_s < best.run_s:
             best = res

@@ -53,6 +53,8 @@ _TREE = flags.DEFINE_bool("tree", False, "Suffix drafts as best-first trees (els
 _ALPHA = flags.DEFINE_float("alpha", suffix_index.SuffixConfig.alpha,
                             "Suffix drafts: at most alpha * match_len + offset tokens.")
 _OFFSET = flags.DEFINE_float("offset", suffix_index.SuffixConfig.offset, "See --alpha.")
+_COMPACT = flags.DEFINE_bool("compact_batch", True, "Drop finished rows from the batch"
+                             " as they finish, every method alike (generate's compact_batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Workload seed.")
 _OUT = flags.DEFINE_string("out", None, "Write results JSON here (and .md, .png beside).")
 
@@ -104,7 +106,7 @@ def run_cell(model, name: str, batch: int, methods, bw_gbps: float) -> list[Cell
   reqs = workloads.encode_requests(
       model.tokenizer, _requests(name, _WARM.value + n_batches * batch, _SEED.value))
   warm, timed = reqs[:_WARM.value], reqs[_WARM.value:]
-  common = dict(max_new_tokens=_NEW.value, temperature=0.0)
+  common = dict(max_new_tokens=_NEW.value, temperature=0.0, compact_batch=_COMPACT.value)
   warm_out = []
   for i in range(0, len(warm), 16):
     warm_out += engine.generate(model, warm[i:i + 16], **common).tokens
@@ -206,7 +208,7 @@ def write(cells, bw, model) -> None:
             "machine": bandwidth.machine_description(), "model": model.config.name,
             "new_tokens": _NEW.value, "warm": _WARM.value, "gamma": _GAMMA.value,
             "window": _WINDOW.value, "sizing": _SIZING.value, "tree": _TREE.value,
-            "alpha": _ALPHA.value, "offset": _OFFSET.value,
+            "alpha": _ALPHA.value, "offset": _OFFSET.value, "compact_batch": _COMPACT.value,
             "bandwidth": bw}
     out.write_text(json.dumps({**meta, "cells": [dataclasses.asdict(c) for c in cells]},
                               indent=1))
@@ -217,7 +219,8 @@ def write(cells, bw, model) -> None:
           f"- greedy, {_NEW.value} new tokens per request, {_WARM.value} warm-up requests in"
           f" the global index; MagicDec/hybrid gamma={_GAMMA.value}, window={_WINDOW.value};"
           f" host sizing {_SIZING.value}; suffix drafts as {'trees' if _TREE.value else 'paths'}"
-          f" of at most {_ALPHA.value:g} * match_len + {_OFFSET.value:g} tokens",
+          f" of at most {_ALPHA.value:g} * match_len + {_OFFSET.value:g} tokens;"
+          f" batch compaction {'on' if _COMPACT.value else 'off'}",
           "", table, ""]
     out.with_suffix(".md").write_text("\n".join(md))
     plot(cells, out.with_suffix(".png"))

@@ -77,6 +77,14 @@ class Timings:
   def round_time(self, tree: TokenTree) -> float:
     return self.drafting(tree) + self.target[tree.size]
 
+  def scaled(self, factor: float, batch: int) -> Timings:
+    """Every time times ``factor``, as the estimate for another batch size (a
+    compacted batch: the full batch's calibration rescaled by measured rounds; the
+    choices between shapes depend on the ratios of the times, which this keeps)."""
+    return Timings(batch=batch, context=self.context,
+                   target={n: t * factor for n, t in self.target.items()},
+                   draft={u: t * factor for u, t in self.draft.items()})
+
   def predicted_speedup(self, tree: TokenTree, accept) -> float:
     tokens = 1.0 + (sequoia.expected_accepted(tree, accept) if tree.max_depth else 0.0)
     return tokens * self.target[1] / self.round_time(tree)
@@ -206,18 +214,24 @@ class ShapeSchedule:
   the measured rounds of the generation itself are the better estimate: of the trees
   that ran, and through :meth:`draft_scale` of the drafting of those that did not.
   Until a speculative segment has run, ``prior`` is used and the choice is never
-  plain decoding, so the estimate starts from a measurement.
+  plain decoding, so the estimate starts from a measurement: the probe, the prior's
+  best tree of depth at most ``probe_depth``. A prior that overrates acceptance picks
+  deep trees, and a probe of a few rounds in a generation of a few dozen pays for
+  every level it drafts in vain; a shallow tree measures the rank-0 acceptance as well.
 
   Args:
-    timings: context bucket -> Timings (calibrated lazily, e.g. cached by the engine).
+    timings: bucket -> Timings (calibrated lazily, e.g. cached by the engine, which
+      passes (batch, context) buckets).
     trees: the compiled choices (``TokenTree.chain(0)`` = autoregressive allowed).
     prior: the positional acceptance vector to start from.
+    probe_depth: the probe's depth limit (None: any).
   """
 
-  def __init__(self, timings, trees, prior=(0.7,)):
+  def __init__(self, timings, trees, prior=(0.7,), probe_depth: int | None = None):
     self.trees = tuple(dict.fromkeys(trees))
     if not self.trees:
       raise ValueError("a schedule needs at least one tree to choose from.")
+    self._probe_depth = probe_depth
     self._timings = timings
     self._prior = tuple(float(a) for a in prior)
     self._weighted = 0.0  # sum of rank-0 fits weighted by row-rounds
@@ -253,8 +267,11 @@ class ShapeSchedule:
 
   def choose(self, context: int) -> TokenTree:
     choices = self.trees
-    if not self._row_rounds and any(t.max_depth for t in choices):
+    if not self._row_rounds and any(t.max_depth for t in choices):  # the probe
       choices = tuple(t for t in choices if t.max_depth)
+      limit = self._probe_depth or max(t.max_depth for t in choices)
+      choices = (tuple(t for t in choices if t.max_depth <= limit)
+                 or (min(choices, key=lambda t: t.max_depth),))
     accept = self.accept
     tokens = [1.0 + (sequoia.expected_accepted(t, accept) if t.max_depth else 0.0)
               for t in choices]

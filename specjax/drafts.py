@@ -322,6 +322,22 @@ def for_round(state, spec: SpecConfig):
   return _with_round_buffers(state, spec)
 
 
+
+def take_rows(state, rows: jax.Array):
+  """The draft state of rows ``rows`` (i32[B']) in that order (batch compaction);
+  None (the streaming self-draft, whose view derives from the target's lengths) stays
+  None."""
+  if state is None:
+    return None
+  if isinstance(state, SnapKVState):
+    return SnapKVState(prefix_idx=state.prefix_idx[:, rows])
+  if isinstance(state, DraftModelState):
+    return DraftModelState(ring=kv_cache.take_rows(state.ring, rows), last=state.last[rows],
+                           round_kv=NewKV(k=state.round_kv.k[:, rows],
+                                          v=state.round_kv.v[:, rows]),
+                           round_tokens=state.round_tokens[rows])
+  raise TypeError(f"unknown draft state {type(state).__name__}.")
+
 def _with_round_buffers(state: DraftModelState, spec: SpecConfig) -> DraftModelState:
   dcfg, n = spec.draft_cfg, spec.shape.size
   B = state.last.shape[0]

@@ -56,6 +56,7 @@ class GenerateStats:
   segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
   calibrate_s: float = 0.0  # auto: timing the cost model (once per bucket and process)
   host: Any = None  # HostStats of host-drafted methods (suffix, ngram, hybrid)
+  compactions: list[int] = dataclasses.field(default_factory=list)  # batch after each
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -165,15 +166,23 @@ def plan_cache_size(cfg: ModelConfig, prompt_lens: Sequence[int], max_new: np.nd
 # ----------------------------------------------------------------------------------
 # Compiled steps. Each is compiled once per (config, shapes, mesh) and reused.
 
-_COMPILED: dict[Any, Any] = {}
+_COMPILED: dict[Any, Any] = {}  # key -> executable, least recently used first
+# Executables kept at most. Each holds its JIT code mappings: XLA:CPU maps ~250 per
+# decode program (its parallel-codegen splits), and a process may hold
+# vm.max_map_count (65530 by default) in all, so a long-running process (a server, the
+# test suite) that meets many shapes (batch x context buckets x trees) must let old
+# ones go; past that, LLVM aborts with "Unable to allocate section memory".
+MAX_COMPILED = 128
 
 
 def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=(), mesh=None):
-  """AOT-compile ``fn`` for these argument shapes; returns (executable, seconds).
+  """AOT-compile ``fn`` for these argument shapes, or reuse the executable compiled
+  for ``key`` (an LRU of ``MAX_COMPILED``); returns (executable, seconds compiling).
 
   With a mesh, tracing happens under ``jax.set_mesh`` so that the attention kernel
   can run per shard (``specjax.attention.attend``)."""
   if key in _COMPILED:
+    _COMPILED[key] = _COMPILED.pop(key)  # now the most recently used
     return _COMPILED[key], 0.0
   t0 = time.perf_counter()
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
@@ -181,6 +190,8 @@ def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=(), mesh
   with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
     exe = jitted.lower(*args).compile()
   _COMPILED[key] = exe
+  while len(_COMPILED) > MAX_COMPILED:
+    del _COMPILED[next(iter(_COMPILED))]
   return exe, time.perf_counter() - t0
 
 
@@ -395,21 +406,133 @@ def _start_state(cache: KVCache, draft_state, first, key, max_new, *, pad_id: in
                      done=done, key=key, rounds=jnp.int32(0), row_rounds=jnp.int32(0))
 
 
+def _state_shardings(cfg: ModelConfig, mesh, batch: int, size: int, draft_state):
+  """(params, DecodeState, per-row, replicated) shardings for a decode loop, or None
+  without a mesh. The draft state is replicated."""
+  sh = _step_shardings(cfg, mesh, batch, size, None)
+  if sh is None:
+    return None
+  p_sh, c_sh, row, rep = sh
+  s_sh = DecodeState(cache=c_sh, draft=None if draft_state is None else rep, pending=row,
+                     out=row, num=row, done=row, key=rep, rounds=rep, row_rounds=rep)
+  return p_sh, s_sh, row, rep
+
+
+def batch_buckets(batch: int, multiple: int = 1) -> tuple[int, ...]:
+  """The batch sizes a decode loop shrinks through as its rows finish
+  (``compact_batch``): ``batch`` and ``multiple`` times the powers of two below it
+  (``multiple``: the mesh's data-parallel size, so the rows stay evenly sharded). A
+  generation compiles its step for at most log2(B) + 1 batch shapes."""
+  sizes = {batch}
+  while multiple < batch:
+    sizes.add(multiple)
+    multiple *= 2
+  return tuple(sorted(sizes))
+
+
+def _take_state(state: DecodeState, rows) -> DecodeState:
+  return DecodeState(cache=kv_cache.take_rows(state.cache, rows),
+                     draft=drafts.take_rows(state.draft, rows), pending=state.pending[rows],
+                     out=state.out[rows], num=state.num[rows], done=state.done[rows],
+                     key=state.key, rounds=state.rounds, row_rounds=state.row_rounds)
+
+
+class _BatchRows:
+  """Batch compaction for a decode loop: which request each row of the loop's state
+  holds, and the outputs of the requests that have left it.
+
+  A static batch pays for a finished row in every round, and rows finish at different
+  times: at EOS, at their own budgets, and under speculation at the pace of their
+  drafts (a row that copies long stretches of its prompt is done in a fraction of the
+  rounds of one that does not). Between device steps, once the rows still generating
+  fit the next smaller of ``batch_buckets``, the state is gathered to them (padded with
+  finished rows up to the bucket), the leaving rows' outputs are kept here, and the
+  loop goes on at the smaller batch. Rows never change order relative to each other,
+  and a row's tokens do not depend on its batch (greedy output is unchanged).
+  """
+
+  def __init__(self, batch: int, enabled: bool, mesh=None):
+    multiple = 1 if mesh is None else int(dict(mesh.shape).get("data", 1))
+    self.buckets = batch_buckets(batch, multiple) if enabled else (batch,)
+    self.slots = np.arange(batch)  # the request held by each row of the state
+    self.out: np.ndarray | None = None  # outputs of the requests that left
+    self.num = np.zeros(batch, np.int32)
+    self.compactions: list[int] = []  # batch size after each compaction
+
+  @property
+  def batch(self) -> int:
+    return len(self.slots)
+
+  def floor(self) -> int:
+    """Active rows at which an on-device loop should stop for compaction (0: never)."""
+    smaller = [b for b in self.buckets if b < self.batch]
+    return smaller[-1] if smaller else 0
+
+  def keep(self, done: np.ndarray) -> np.ndarray | None:
+    """The rows to keep (active ones, then finished ones up to the bucket) when the
+    active rows fit a smaller bucket, else None."""
+    active = np.flatnonzero(~done)
+    size = next(b for b in self.buckets if b >= max(len(active), 1))
+    if size >= self.batch:
+      return None
+    return np.concatenate([active, np.flatnonzero(done)[:size - len(active)]])
+
+  def compact(self, state: DecodeState, keep: np.ndarray, cfg: ModelConfig, mesh):
+    """Gather ``state`` to rows ``keep``.
+
+    Returns:
+      (state, shardings for the new batch (None without a mesh), compile seconds).
+    """
+    leaving = np.setdiff1d(np.arange(self.batch), keep)
+    out, num = jax.device_get((state.out, state.num))
+    if self.out is None:
+      self.out = np.zeros((len(self.num),) + out.shape[1:], out.dtype)
+    self.out[self.slots[leaving]] = out[leaving]
+    self.num[self.slots[leaving]] = num[leaving]
+    self.slots = self.slots[keep]
+    shardings = _state_shardings(cfg, mesh, len(keep), state.cache.size, state.draft)
+    in_sh = out_sh = None
+    if shardings is not None:
+      old = _state_shardings(cfg, mesh, len(leaving) + len(keep), state.cache.size,
+                             state.draft)
+      in_sh, out_sh = (old[1], old[3]), shardings[1]
+    rows = np.asarray(keep, np.int32)
+    leaves = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(state))
+    exe, seconds = _compile(("take_rows", jax.tree.structure(state), leaves, len(keep),
+                             _mesh_key(mesh)), _take_state, (state, rows), in_sh, out_sh,
+                            mesh=mesh)  # no donation: no output has an input's shape
+    self.compactions.append(len(keep))
+    return exe(state, rows), shardings, seconds
+
+  def result(self, state: DecodeState) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens i32[B, n], num i32[B]) of every request, in the original order."""
+    out, num = jax.device_get((state.out, state.num))
+    if self.out is None:
+      return out, num
+    self.out[self.slots] = out
+    self.num[self.slots] = num
+    return self.out, self.num
+
+
 def _eos_array(eos_ids: tuple[int, ...]) -> jax.Array:
   return jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
 
-def _decode_segment(params, state: DecodeState, max_new, draft_params, stop_rounds, *,
-                    cfg: ModelConfig, sp: sampling.SamplingParams, spec: drafts.SpecConfig,
-                    eos_ids: tuple[int, ...], kv_limit: int) -> DecodeState:
+def _decode_segment(params, state: DecodeState, max_new, draft_params, stop_rounds,
+                    min_active, *, cfg: ModelConfig, sp: sampling.SamplingParams,
+                    spec: drafts.SpecConfig, eos_ids: tuple[int, ...],
+                    kv_limit: int) -> DecodeState:
   """Speculative (gamma > 0) or autoregressive (gamma = 0) rounds as one on-device
-  while loop, until every row is done, some row's prefix outgrows ``kv_limit`` (the
-  cache slots this compiled loop reads), or ``stop_rounds`` rounds have run in all.
+  while loop, until at most ``min_active`` rows are still generating (0: every row
+  is done), some row's prefix outgrows ``kv_limit`` (the cache slots this compiled
+  loop reads), or ``stop_rounds`` rounds have run in all.
 
   Args:
     max_new: i32[B] per-row token budget (the first token counts).
     draft_params: a draft model's weights (``spec.draft_cfg``), or None.
     stop_rounds: i32[] (traced) round count at which to return to the host.
+    min_active: i32[] (traced): return to the host once this few rows are active (the
+      host then compacts the batch, ``_BatchRows``).
   """
   eos = _eos_array(eos_ids)
 
@@ -417,7 +540,8 @@ def _decode_segment(params, state: DecodeState, max_new, draft_params, stop_roun
     # Finished rows may have committed a round's drafts past their budget (and past
     # the limit); they run on masked and commit nothing, so only active rows count.
     longest = jnp.where(s.done, 0, s.cache.lengths).max()
-    return (~s.done.all()) & (s.rounds < stop_rounds) & (longest <= kv_limit)
+    return (((~s.done).sum() > min_active) & (s.rounds < stop_rounds)
+            & (longest <= kv_limit))
 
   def body(s: DecodeState):
     key, sub = jax.random.split(s.key)
@@ -443,11 +567,12 @@ class DecodeResult:
   row_rounds: int  # sum over rounds of the rows still generating
   compile_s: float
   run_s: float
-  cache: KVCache
+  cache: KVCache  # the loop's last cache (after compaction, of the rows still in it)
   draft_init_s: float = 0.0  # building the draft state (SnapKV scoring, draft prefill)
   # One (kv_limit, drafts per round, rounds) per on-device loop run, in order.
   segments: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
   calibrate_s: float = 0.0  # gamma="auto": timing the cost model's forwards
+  compactions: list[int] = dataclasses.field(default_factory=list)  # batch after each
 
   @property
   def tokens_per_round(self) -> float:
@@ -461,6 +586,7 @@ AUTO_TREE_SIZES = (3, 4, 5, 8, 16, 32, 64)  # tree="auto": optimal trees of thes
 AUTO_TREE_DEPTHS = (2, 4, 8)  # ... sizes (root included) and depth limits
 AUTO_SEGMENT_ROUNDS = 16  # auto: rounds between re-estimates of the acceptance
 AUTO_PROBE_ROUNDS = 4  # ... and before the first one
+AUTO_PROBE_DEPTH = 4  # ... drafting at most this deep (cost_model.ShapeSchedule)
 
 
 def auto_trees(acceptance, sizes=AUTO_TREE_SIZES, depths=AUTO_TREE_DEPTHS,
@@ -489,7 +615,7 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
            prompts: Sequence[Sequence[int]] | None = None,
            draft_params=None, auto: Sequence[TokenTree] | None = None,
            acceptance: Sequence[float] = (0.7,),
-           kv_bucket: int | None = None) -> DecodeResult:
+           kv_bucket: int | None = None, compact_batch: bool = True) -> DecodeResult:
   """Continue every row of a prefilled cache, autoregressively or speculatively.
 
   Decoding runs on device as a while loop over rounds; the host steps in only
@@ -516,6 +642,10 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       (``cost_model.ShapeSchedule``); ``TokenTree.chain(0)`` is plain decoding.
     acceptance: the schedule's prior positional acceptance vector.
     kv_bucket: the smallest context bucket in slots (default ``DECODE_BUCKET``).
+    compact_batch: drop finished rows from the batch as they go: the loop returns to
+      the host once the active rows fit the next smaller of ``batch_buckets``, which
+      gathers the state to them (``_BatchRows``); with ``auto`` the cost model is
+      calibrated per (batch, context bucket).
 
   Returns:
     A DecodeResult; ``run_s`` excludes compilation, calibration and building the draft
@@ -537,12 +667,13 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       dataclasses.replace(spec, gamma=0, tree=tree)
     spec = dataclasses.replace(spec, gamma=0, tree=max(auto, key=lambda t: t.size))
 
-    def timings(limit):
-      t, seconds = _calibration(params, cfg, B, limit, auto, spec, draft_params, mesh)
+    def timings(bucket):  # bucket = (batch, kv_limit): the batch shrinks with compaction
+      t, seconds = _calibration(params, cfg, *bucket, auto, spec, draft_params, mesh)
       calibrate_s[0] += seconds
       return t
 
-    schedule = cost_model.ShapeSchedule(timings, auto, prior=acceptance)
+    schedule = cost_model.ShapeSchedule(timings, auto, prior=acceptance,
+                                        probe_depth=AUTO_PROBE_DEPTH)
   lengths, size = np.asarray(cache.lengths), cache.size
   draft_state, init_compile_s, init_s = None, 0.0, 0.0
   if spec.speculative:
@@ -552,26 +683,38 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   state = _start_state(cache, draft_state, jnp.array(first, jnp.int32), jax.random.clone(key),
                        jnp.asarray(max_new), pad_id=cfg.pad_id, eos_ids=tuple(eos_ids),
                        n_out=n_out)
+  max_new = np.asarray(max_new)
   max_new_arr = jnp.asarray(max_new)
-  shardings = _step_shardings(cfg, mesh, B, cache.size, params)
+  batch_rows = _BatchRows(B, compact_batch, mesh)
+  shardings = _state_shardings(cfg, mesh, B, cache.size, draft_state)
   if shardings is not None:
-    p_sh, c_sh, row, rep = shardings
+    p_sh, s_sh, row, rep = shardings
     d_sh = None if spec.draft_cfg is None else sharding_lib.param_shardings(spec.draft_cfg,
                                                                             mesh)
-    s_sh = DecodeState(cache=c_sh, draft=None if draft_state is None else rep, pending=row,
-                       out=row, num=row, done=row, key=rep, rounds=rep, row_rounds=rep)
     state = jax.device_put(state, s_sh)
     max_new_arr = jax.device_put(max_new_arr, row)
   compile_s, run_s, segments = init_compile_s, 0.0, []
   done_rows = np.asarray(state.done)
   done = bool(done_rows.all())
   while not done:
+    keep = batch_rows.keep(done_rows)
+    if keep is not None:  # the active rows fit a smaller batch: drop finished ones
+      t0 = time.perf_counter()
+      state, shardings, seconds = batch_rows.compact(state, keep, cfg, mesh)
+      compile_s += seconds
+      lengths, done_rows = lengths[keep], done_rows[keep]
+      max_new_arr = jnp.asarray(max_new[batch_rows.slots])
+      if shardings is not None:
+        p_sh, s_sh, row, rep = shardings
+        max_new_arr = jax.device_put(max_new_arr, row)
+      run_s += time.perf_counter() - t0 - seconds
     limit = decode_kv_limit(int(lengths[~done_rows].max()), size, kv_bucket)
+    bucket = (batch_rows.batch, limit)
     rounds_before = int(state.rounds)
     stop = np.iinfo(np.int32).max
     seg_spec = spec
     if schedule is not None:
-      seg_spec = dataclasses.replace(spec, tree=schedule.choose(limit))
+      seg_spec = dataclasses.replace(spec, tree=schedule.choose(bucket))
       stop = rounds_before + (AUTO_SEGMENT_ROUNDS if segments else AUTO_PROBE_ROUNDS)
       if seg_spec.speculative:
         state.draft = drafts.for_round(state.draft, seg_spec)
@@ -579,13 +722,14 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
           state.draft = jax.device_put(state.draft, rep)
     fn = functools.partial(_decode_segment, cfg=cfg, sp=sp, spec=seg_spec,
                            eos_ids=tuple(eos_ids), kv_limit=limit)
-    args = (params, state, max_new_arr, draft_params, jnp.int32(stop))
+    args = (params, state, max_new_arr, draft_params, jnp.int32(stop),
+            jnp.int32(batch_rows.floor()))
     in_sh = out_sh = None
     if shardings is not None:
-      in_sh, out_sh = (p_sh, s_sh, row, d_sh, rep), s_sh
-    exe, seconds = _compile(("decode", cfg, sp, seg_spec, tuple(eos_ids), n_out, B, size,
-                             limit, _mesh_key(mesh)), fn, args, in_sh, out_sh,
-                            donate_argnums=(1,), mesh=mesh)
+      in_sh, out_sh = (p_sh, s_sh, row, d_sh, rep, rep), s_sh
+    exe_key = ("decode", cfg, sp, seg_spec, tuple(eos_ids), n_out, batch_rows.batch, size,
+               limit, _mesh_key(mesh))
+    exe, seconds = _compile(exe_key, fn, args, in_sh, out_sh, donate_argnums=(1,), mesh=mesh)
     compile_s += seconds
     num_before, row_rounds_before = np.asarray(state.num), int(state.row_rounds)
     t0 = time.perf_counter()
@@ -600,14 +744,15 @@ def decode(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     segments.append((limit, seg_spec.shape.size - 1, int(rounds) - rounds_before))
     if schedule is not None:
       schedule.observe(seg_spec.shape, int((num - num_before).sum()),
-                       int(row_rounds) - row_rounds_before, context=limit, seconds=seg_s,
+                       int(row_rounds) - row_rounds_before, context=bucket, seconds=seg_s,
                        rounds=int(rounds) - rounds_before)
     done = bool(done_rows.all())
-  out, num = jax.device_get((state.out, state.num))
+  out, num = batch_rows.result(state)
   return DecodeResult(tokens=out, num=num, steps=int(state.rounds),
                       row_rounds=int(state.row_rounds), compile_s=compile_s,
                       run_s=run_s, cache=state.cache, draft_init_s=init_s,
-                      segments=segments, calibrate_s=calibrate_s[0])
+                      segments=segments, calibrate_s=calibrate_s[0],
+                      compactions=batch_rows.compactions)
 
 
 # ----------------------------------------------------------------------------------
@@ -733,13 +878,14 @@ def _choose_host_size(sizes, gains_fn, round_time) -> int:
 
 
 def _plan_host_round(use_model, active, row_drafts, expect, sizes, spec, timings,
-                     measured, limit, model_accepted):
+                     measured, bucket, model_accepted):
   """A host-drafted round's plan when the rows in ``use_model`` take the self-draft.
 
   Args:
     expect: row -> calibrated expected accepted tokens of its draft's first k nodes
       (index k - 1); timings: the bucket's calibration, None for ``sizing="longest"``;
-    measured: (limit, size, with_model) -> measured round seconds, or None.
+    measured: (bucket, size, with_model) -> measured round seconds, or None, where
+      bucket = (batch, kv_limit).
 
   Returns:
     (host_rows, size, whole, rate): the rows verifying a host draft, the verify size
@@ -761,7 +907,7 @@ def _plan_host_round(use_model, active, row_drafts, expect, sizes, spec, timings
   draft_time = spec.gamma * timings.draft[spec.shape] if model_rows else 0.0
 
   def round_time(n):  # measured in this bucket once it ran there, else calibrated
-    seen = measured((limit, n, model_rows))
+    seen = measured((bucket, n, model_rows))
     return float(np.median(seen[-8:])) if seen else timings.target[n] + draft_time
 
   size = _choose_host_size([s for s in choices if s <= whole], gains, round_time)
@@ -787,8 +933,8 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
                 spec: drafts.SpecConfig | None = None, threshold: float | None = None,
                 sizes: Sequence[int] = HOST_TREE_SIZES, max_draft: int = 31,
                 sizing: str = "auto", key: jax.Array | None = None,
-                eos_ids: tuple[int, ...] = (), mesh=None,
-                kv_bucket: int | None = None) -> tuple[DecodeResult, HostStats]:
+                eos_ids: tuple[int, ...] = (), mesh=None, kv_bucket: int | None = None,
+                compact_batch: bool = True) -> tuple[DecodeResult, HostStats]:
   """Decode with drafts built on the host between device rounds (SuffixDecoding,
   n-gram prompt lookup), optionally hybrid with the MagicDec self-draft.
 
@@ -819,6 +965,9 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       (``_DepthCalibration``), seconds from the round times measured at that size in
       this context bucket, or the calibrated cost model before one ran there;
       "longest" uses the smallest size holding every row's whole draft.
+    compact_batch: drop finished rows from the batch (``_BatchRows``) once the active
+      ones fit the next smaller of ``batch_buckets``; timings and measured round times
+      are per (batch, context bucket).
 
   Returns:
     (DecodeResult, HostStats); ``run_s`` counts the device rounds and the host's
@@ -847,13 +996,12 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
   state = _start_state(cache, draft_state, jnp.array(first, jnp.int32), jax.random.clone(key),
                        jnp.asarray(max_new), pad_id=cfg.pad_id, eos_ids=tuple(eos_ids),
                        n_out=n_out)
+  max_new = np.asarray(max_new)
   max_new_arr = jnp.asarray(max_new)
-  shardings = _step_shardings(cfg, mesh, B, cache.size, params)
-  s_sh = None
+  batch_rows = _BatchRows(B, compact_batch, mesh)
+  shardings = _state_shardings(cfg, mesh, B, cache.size, draft_state)
   if shardings is not None:
-    p_sh, c_sh, row, rep = shardings
-    s_sh = DecodeState(cache=c_sh, draft=None if draft_state is None else rep, pending=row,
-                       out=row, num=row, done=row, key=rep, rounds=rep, row_rounds=rep)
+    p_sh, s_sh, row, rep = shardings
     state = jax.device_put(state, s_sh)
     max_new_arr = jax.device_put(max_new_arr, row)
 
@@ -872,34 +1020,59 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     proposer.finish(rids[b])
   size_limit = cache.size
   host_cal = _DepthCalibration(max_draft)  # accepted / predicted per draft depth
-  measured: dict[tuple[int, int, bool], list[float]] = {}  # (limit, size, model) -> s
+  measured: dict[tuple, list[float]] = {}  # ((batch, limit), size, model) -> seconds
   model_accept = _Calibration(prior=0.7 * spec.gamma if spec else 0.0, weight=1.0)
   run_s, segments, calibrate_s = 0.0, [], 0.0
   idle = 0  # rounds in a row that had host drafts but verified none (sizing="auto")
-  timings_cache: dict[int, Any] = {}
+  timings_cache: dict[int, Any] = {}  # kv_limit -> the full batch's Timings
+  B0 = B
 
-  def timings(limit):
+  def timings(bucket):  # bucket = (batch, kv_limit)
+    """The full batch's calibration at this context bucket; for a compacted batch,
+    rescaled by the round times measured there (not calibrated again: each batch
+    size would cost a calibration of every verify size)."""
     nonlocal calibrate_s
+    batch, limit = bucket
     if limit not in timings_cache:
       trees = [TokenTree.chain(s - 1) for s in sizes]
-      verify_t, seconds = _calibration(params, cfg, B, limit, trees, None, None, mesh)
+      verify_t, seconds = _calibration(params, cfg, B0, limit, trees, None, None, mesh)
       calibrate_s += seconds
       if spec is not None:  # the model draft's chain: one draft level and its verify
-        model, seconds = _calibration(params, cfg, B, limit, [spec.shape], spec, None, mesh)
+        model, seconds = _calibration(params, cfg, B0, limit, [spec.shape], spec, None, mesh)
         calibrate_s += seconds
         verify_t = dataclasses.replace(verify_t, target={**model.target, **verify_t.target},
                                        draft=dict(model.draft))
       timings_cache[limit] = verify_t
-    return timings_cache[limit]
+    base = timings_cache[limit]
+    if batch == B0:
+      return base
+    ratios = [np.median(seen[-8:]) / (base.target[n] + (base.drafting(spec.shape) if m else 0))
+              for (key, n, m), seen in measured.items() if key == bucket]
+    return base.scaled(float(np.median(ratios)) if ratios else 1.0, batch)
 
   while not done_rows.all():
+    keep = batch_rows.keep(done_rows)
+    if keep is not None:  # the active rows fit a smaller batch: drop finished ones
+      t0 = time.perf_counter()
+      state, shardings, seconds = batch_rows.compact(state, keep, cfg, mesh)
+      compile_s += seconds
+      lengths, done_rows, num = lengths[keep], done_rows[keep], num[keep]
+      rids = [rids[b] for b in keep]
+      max_new_arr = jnp.asarray(max_new[batch_rows.slots])
+      if shardings is not None:
+        p_sh, s_sh, row, rep = shardings
+        max_new_arr = jax.device_put(max_new_arr, row)
+      run_s += time.perf_counter() - t0 - seconds
+    B = batch_rows.batch
+    row_max = max_new[batch_rows.slots]
     active = ~done_rows
     limit = decode_kv_limit(int(lengths[active].max()), size_limit, kv_bucket)
-    t = timings(limit) if sizing == "auto" else None  # calibrated once, not timed
+    bucket = (B, limit)
+    t = timings(bucket) if sizing == "auto" else None  # calibrated once, not timed
     t0 = time.perf_counter()
     row_drafts = [None] * B
     for b in np.flatnonzero(active):
-      remaining = int(max_new[b] - num[b])  # a round emits at most drafts + 1 tokens
+      remaining = int(row_max[b] - num[b])  # a round emits at most drafts + 1 tokens
       budget = min(max_draft, remaining - 1)
       row_drafts[b] = proposer.propose(rids[b], max_tokens=budget, max_depth=budget) \
           if budget > 0 else None
@@ -915,15 +1088,15 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
       if bar is None:
         bar = _hybrid_bar(model_accept.value, spec, t)
       use_model = active & ((score < bar) | (score == 0))
-      use_model &= (max_new - num) > spec.gamma  # a full chain fits the budget
+      use_model &= (row_max - num) > spec.gamma  # a full chain fits the budget
     host_rows, size, whole, rate = _plan_host_round(
-        use_model, active, row_drafts, expect, sizes, spec, t, measured.get, limit,
+        use_model, active, row_drafts, expect, sizes, spec, t, measured.get, bucket,
         model_accept.value)
     if spec is not None and threshold is None and t is not None and use_model.any():
       # The self-draft is worth its forwards only if the round beats one without it
       # (on a compute-bound machine it often does not: plain decoding, host drafts).
       alt = _plan_host_round(np.zeros(B, bool), active, row_drafts, expect, sizes, spec, t,
-                             measured.get, limit, model_accept.value)
+                             measured.get, bucket, model_accept.value)
       if alt[3] > rate:
         use_model = np.zeros(B, bool)
         host_rows, size, whole, rate = alt
@@ -980,7 +1153,7 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     for b in host_rows:
       k = kept[b]
       host_cal.observe(depths[b][:k], np.asarray(row_drafts[b].probs[:k]), max(gained[b], 0))
-    measured.setdefault((limit, size, model_rows), []).append(device_s)
+    measured.setdefault((bucket, size, model_rows), []).append(device_s)
     if model_rows:
       model_accept.observe(float(np.clip(gained[use_model], 0, None).sum()),
                            float(use_model.sum()))
@@ -997,12 +1170,12 @@ def decode_host(params, cfg: ModelConfig, cache: KVCache, first: jax.Array, *,
     else:
       segments.append((limit, size - 1, 1))
     num, done_rows = new_num, done_new
-  out, num = jax.device_get((state.out, state.num))
+  out, num = batch_rows.result(state)
   return DecodeResult(tokens=out, num=num, steps=int(state.rounds),
                       row_rounds=int(state.row_rounds), compile_s=compile_s,
                       run_s=run_s + stats.start_s,
                       cache=state.cache, draft_init_s=init_s, segments=segments,
-                      calibrate_s=calibrate_s), stats
+                      calibrate_s=calibrate_s, compactions=batch_rows.compactions), stats
 
 
 _TIMINGS: dict[Any, Any] = {}
@@ -1137,6 +1310,7 @@ def generate(model,
              host_sizing: str = "auto",
              max_draft: int = 31,
              attention_impl: str | None = None,
+             compact_batch: bool = True,
              mesh=None) -> GenerateOutput:
   """Generate continuations for a batch of prompts.
 
@@ -1197,6 +1371,10 @@ def generate(model,
     attention_impl: "auto" (the Pallas kernel on GPU/TPU, XLA on CPU), "pallas" (the
       kernel everywhere; interpreted on CPU) or "xla"; None keeps the model config's
       (``ModelConfig.attention_impl``). Applies to the draft model too.
+    compact_batch: as rows finish (EOS, their budgets, or speculation that runs ahead
+      for some rows), drop them from the batch: once the rows still generating fit
+      half the batch (``engine.batch_buckets``), the decode state is gathered to them
+      and decoding goes on at the smaller batch. Off: every round runs the full batch.
     mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
 
   Returns:
@@ -1276,11 +1454,13 @@ def generate(model,
                                   proposer=proposer, prompts=ids, sp=sp,
                                   spec=spec if method == "hybrid" else None,
                                   threshold=hybrid_threshold, max_draft=max_draft,
-                                  sizing=host_sizing, key=key_decode, eos_ids=eos, mesh=mesh)
+                                  sizing=host_sizing, key=key_decode, eos_ids=eos, mesh=mesh,
+                                  compact_batch=compact_batch)
   else:
     res = decode(params, cfg, cache, first, max_new=max_new, sp=sp, spec=spec,
                  key=key_decode, eos_ids=eos, mesh=mesh, prompts=ids,
-                 draft_params=draft_params, auto=auto, acceptance=acceptance)
+                 draft_params=draft_params, auto=auto, acceptance=acceptance,
+                 compact_batch=compact_batch)
   out, num = res.tokens, res.num
   tokens = [out[b, :num[b]].tolist() for b in range(B)]
   texts = None
@@ -1292,7 +1472,8 @@ def generate(model,
                         prefill_s=prefill_s + res.draft_init_s,
                         decode_s=res.run_s, decode_steps=res.steps,
                         tokens_per_round=res.tokens_per_round, segments=res.segments,
-                        calibrate_s=res.calibrate_s, host=host_stats)
+                        calibrate_s=res.calibrate_s, host=host_stats,
+                        compactions=res.compactions)
   return GenerateOutput(tokens=tokens, texts=texts, stats=stats)
 
 

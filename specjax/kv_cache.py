@@ -112,6 +112,15 @@ def commit(cache: KVCache,
   return KVCache(k=k, v=v, lengths=cache.lengths + n_keep.astype(jnp.int32))
 
 
+
+def take_rows(cache, rows: jax.Array):
+  """Rows ``rows`` (i32[B']) of a KVCache or RingCache, in that order: the decode
+  loops drop finished rows from the batch this way (batch compaction)."""
+  if isinstance(cache, RingCache):
+    return RingCache(k=cache.k[:, rows], v=cache.v[:, rows], lengths=cache.lengths[rows],
+                     pos=cache.pos[rows])
+  return KVCache(k=cache.k[:, rows], v=cache.v[:, rows], lengths=cache.lengths[rows])
+
 # ----------------------------------------------------------------------------------
 # Ring cache: a draft model's sinks + sliding window, for generations of any length.
 

@@ -12,6 +12,29 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
 import pytest
 
+MAX_CODE_MAPS = 30000  # of the process's vm.max_map_count (65530 by default)
+
+
+@pytest.fixture(autouse=True)
+def _bounded_jit_code():
+  """Free compiled code between tests once the process maps a lot of it.
+
+  XLA:CPU maps ~250 memory regions per decode executable, and the suite compiles
+  thousands (every test meets new shapes); past ``vm.max_map_count`` LLVM aborts the
+  process ("Unable to allocate section memory"). ``engine.MAX_COMPILED`` bounds the
+  engine's own cache; this also drops JAX's (calibration, eager ops).
+  """
+  yield
+  if not os.path.exists("/proc/self/maps"):  # not Linux: no such limit to watch
+    return
+  with open("/proc/self/maps", encoding="ascii") as f:
+    maps = sum(1 for _ in f)
+  if maps > MAX_CODE_MAPS:
+    import jax  # pylint: disable=g-import-not-at-top
+    from specjax import engine  # pylint: disable=g-import-not-at-top
+    engine._COMPILED.clear()  # pylint: disable=protected-access
+    jax.clear_caches()
+
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> pathlib.Path:

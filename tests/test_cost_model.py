@@ -116,6 +116,18 @@ def test_schedule_measures_before_it_settles():
   assert costly.choose(1024) == chain(0)
 
 
+def test_schedule_probes_shallow_then_goes_by_the_measured_acceptance():
+  choices = [chain(0), chain(2), chain(4), chain(8)]
+  schedule = cost_model.ShapeSchedule(_Recorder(_timings(0.05)), choices, prior=(0.9,),
+                                      probe_depth=4)
+  assert schedule.choose(4096) == chain(4)  # the prior would take chain(8)
+  schedule.observe(chain(4), tokens=48, row_rounds=10)  # 4.8 of 5 tokens per round
+  assert schedule.choose(4096) == chain(8)
+  only_deep = cost_model.ShapeSchedule(_Recorder(_timings(0.05)), choices[2:],
+                                       probe_depth=2)
+  assert only_deep.choose(4096) == chain(4)  # the shallowest there is
+
+
 def test_schedule_trusts_measured_round_times_over_calibration():
   """A calibration that overestimated the draft (e.g. timed on a busy machine) picks
   plain decoding; once the segment it ran reports its real round time, and a

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import memory
+from specjax import engine, memory
 from specjax.config import tiny_config
 from specjax.params import init_params
 
@@ -91,3 +91,43 @@ def test_batch_that_does_not_fit_is_refused_before_allocation(tiny, monkeypatch)
   monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1 << 20)
   with pytest.raises(ValueError, match=r"GiB per device .* only 0\.00 GiB is free"):
     specjax.generate(tiny, [[1, 2, 3]] * 64, max_new_tokens=400)
+
+
+def test_batch_buckets_halve_down_to_the_mesh_multiple():
+  assert engine.batch_buckets(8) == (1, 2, 4, 8)
+  assert engine.batch_buckets(12) == (1, 2, 4, 8, 12)
+  assert engine.batch_buckets(1) == (1,)
+  assert engine.batch_buckets(8, multiple=2) == (2, 4, 8)
+  assert engine.batch_buckets(6, multiple=4) == (4, 6)
+
+
+def test_batch_rows_keep_the_active_rows_padded_to_the_bucket():
+  rows = engine._BatchRows(8, enabled=True)
+  done = np.array([1, 0, 1, 1, 0, 1, 1, 0], bool)
+  assert rows.floor() == 4
+  keep = rows.keep(done)  # 3 active rows fit 4: padded with the first finished row
+  np.testing.assert_array_equal(keep, [1, 4, 7, 0])
+  assert rows.keep(np.array([0, 0, 0, 0, 0, 1, 1, 1], bool)) is None  # 5 need all 8
+  assert engine._BatchRows(8, enabled=False).keep(done) is None
+  assert engine._BatchRows(8, enabled=False).floor() == 0
+
+
+# Eight rows that finish one after another: the batch shrinks 8 -> 4 -> 2 -> 1.
+RAGGED_PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 3, [3, 4], list(range(20, 61)), [7, 7, 7, 7],
+                  [9] * 10, [1, 2, 3] * 5, [40, 41], [12] * 3]
+RAGGED_BUDGETS = [3, 30, 9, 17, 5, 25, 2, 12]
+
+
+def test_batch_compaction_keeps_tokens_eos_and_budgets(tiny):
+  full = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS,
+                          compact_batch=False)
+  assert full.stats.compactions == []
+  out = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS)
+  assert out.tokens == full.tokens
+  assert out.stats.compactions == [4, 2, 1]
+  assert [len(t) for t in out.tokens] == RAGGED_BUDGETS
+  eos = full.tokens[1][4]  # row 1 (budget 30) stops at its 5th token instead
+  stop = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS, eos_ids=[eos])
+  stop_full = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS,
+                               eos_ids=[eos], compact_batch=False)
+  assert stop.tokens == stop_full.tokens and len(stop.tokens[1]) <= 5

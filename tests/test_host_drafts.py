@@ -19,6 +19,7 @@ from specjax import engine, ngram, sampling, suffix_index, verify
 from specjax.config import tiny_config
 from specjax.params import init_params
 from specjax.suffix_index import Draft
+from tests.test_engine import RAGGED_BUDGETS, RAGGED_PROMPTS
 from tests.test_speculative import (PROMPT, PROMPTS, _broken_verify, _chi2, _chi2_critical,
                                     small_vocab, tiny)  # noqa: F401 (fixtures)
 
@@ -243,3 +244,19 @@ def test_hybrid_round_drops_the_self_draft_when_it_does_not_pay():
   assert plan(0.5, none, {(1024, 4, False): [4.0, 4.4, 4.2]})[1] == 2
   slow = {(1024, 4, False): [4.2], (1024, 2, False): [3.0]}
   assert plan(0.5, none, slow)[1] == 1  # verifying the host draft now costs too much
+
+
+@pytest.mark.parametrize("kw", [dict(method="suffix"), dict(method="ngram"),
+                                dict(method="hybrid", gamma=2, sinks=2, window=8),
+                                dict(method="random")], ids=lambda kw: kw["method"])
+def test_greedy_host_drafts_with_batch_compaction_equal_autoregressive(tiny, kw):
+  """Rows leave the batch as they finish; their proposer requests keep their rows."""
+  ar = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS,
+                        compact_batch=False)
+  if kw["method"] == "random":  # deep true branches: rows finish at very different rounds
+    truth = {tuple(p): t for p, t in zip(RAGGED_PROMPTS, ar.tokens)}
+    kw = dict(method="suffix", proposer=RandomTreeProposer(tiny.config.vocab_size, truth))
+  out = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS, **kw)
+  assert out.tokens == ar.tokens
+  batches = out.stats.compactions
+  assert batches and batches == sorted(set(batches), reverse=True) and batches[0] < 8

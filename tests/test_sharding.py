@@ -47,6 +47,7 @@ def test_sharded_speculation_equals_single_device(tiny, kw):
   single = specjax.generate(tiny, PROMPTS, max_new_tokens=[12, 9, 14, 6])
   sharded = specjax.generate(tiny, PROMPTS, max_new_tokens=[12, 9, 14, 6], mesh=mesh, **kw)
   assert sharded.tokens == single.tokens
+  assert sharded.stats.compactions == [2]  # 4 -> 2 rows, the data axis's size, not 1
 
 
 def test_rules_shard_what_divides_and_replicate_the_rest():
