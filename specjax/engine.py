@@ -172,7 +172,7 @@ _COMPILED: dict[Any, Any] = {}  # key -> executable, least recently used first
 # vm.max_map_count (65530 by default) in all, so a long-running process (a server, the
 # test suite) that meets many shapes (batch x context buckets x trees) must let old
 # ones go; past that, LLVM aborts with "Unable to allocate section memory".
-MAX_COMPILED = 128
+MAX_COMPILED = 96
 
 
 def _compile(key, fn, args, in_shardings, out_shardings, donate_argnums=(), mesh=None):

@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 
 import pytest
 
-MAX_CODE_MAPS = 30000  # of the process's vm.max_map_count (65530 by default)
+MAX_CODE_MAPS = 45000  # of the process's vm.max_map_count (65530 by default)
 
 
 @pytest.fixture(autouse=True)

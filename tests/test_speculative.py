@@ -343,8 +343,7 @@ def test_rows_that_finish_past_the_cache_end_do_not_stall_the_others():
     dict(method="magicdec", draft_kv="snapkv", sinks=1, window=12, obs_window=4),
     dict(method="magicdec_draft", sinks=2, window=10, layers=1),
     dict(method="sequoia", tree=8, tree_depth=4, sinks=2, window=8),
-    dict(method="magicdec", gamma="auto", auto_gammas=(0, 1, 3), sinks=2, window=8),
-], ids=["streaming", "snapkv", "draft_ring", "tree", "auto"])
+], ids=["streaming", "snapkv", "draft_ring", "tree"])  # auto: tests/test_sharding.py
 def test_greedy_speculation_with_batch_compaction_equals_autoregressive(tiny, kw):
   """Rows leave the batch as they finish (the draft state is gathered with the cache);
   the reference is autoregressive decoding at the full batch throughout."""
