@@ -85,7 +85,8 @@ _DISTINCT = flags.DEFINE_integer("distinct_rows", 1,
                                  "Different texts prefilled and tiled over the batch.")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", engine.DEFAULT_PREFILL_CHUNK,
                               "Prefill chunk length.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per cell (the best is kept).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per cell (the best is kept; the"
+                                " spread of the runs is the cell's noise figure).")
 _COMPACT = flags.DEFINE_bool("compact_batch", True, "Drop finished rows from the batch as"
                              " they finish (engine.decode's compact_batch).")
 _MESH = flags.DEFINE_list("mesh", [], "data,model mesh shape, e.g. 1,8 (default: none).")
@@ -114,6 +115,8 @@ class Cell:
   predicted_speedup: float | None = None  # cost model, calibrated in the same run
   auto_choice: str | None = None  # the cost model's pick: "g<gamma>" or "n<size>d<depth>"
   segments: list | None = None  # (kv_limit, drafts/round, rounds) per decode loop (auto)
+  decode_s_runs: list | None = None  # every timed run's decode seconds (the best is kept)
+  spread: float | None = None  # slowest run / fastest - 1: the cell's noise figure
 
 
 def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
@@ -127,7 +130,7 @@ def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
 
 def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mesh,
              bw_gbps, repeats, prefill_chunk, draft=None, auto=None,
-             acceptance=sequoia.DEFAULT_ACCEPTANCE) -> list[Cell]:
+             acceptance=sequoia.DEFAULT_ACCEPTANCE, on_bucket=None) -> list[Cell]:
   """Measure every (batch, context, method) cell.
 
   Args:
@@ -137,6 +140,8 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
     auto: label -> the trees ``gamma="auto"`` / ``tree="auto"`` chooses among (their
       spec is the draft template).
     acceptance: the positional acceptance vector the sequoia trees were built for.
+    on_bucket: called with the cells so far after each (batch, context) bucket (to
+      write partial results of a long grid).
   """
   cfg = model.config
   if min(contexts) <= new_tokens:
@@ -168,7 +173,7 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
       prompts = [texts[b % distinct_rows][:prompt] for b in range(batch)]  # SnapKV, drafts
       baseline = None
       for method in specs:
-        best = None
+        best, runs = None, []
         for _ in range(repeats):
           view = _tile_and_trim(cache, batch, size, prompt)
           if mesh is not None:
@@ -184,6 +189,7 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                                                                           acceptance),
                                 compact_batch=_COMPACT.value)
           del view, res.cache
+          runs.append(res.run_s)
           if best is None or res.run_s < best.run_s:
             best = res
         generated = int(best.num.sum()) - batch  # the first token came from the text
@@ -195,7 +201,8 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
                     tokens_per_s=tps, step_ms=1e3 * best.run_s / max(best.steps, 1),
                     bytes_per_step=nbytes, roofline_tokens_per_s=roof,
                     roofline_fraction=tps / roof,
-                    mean_accepted=best.tokens_per_round)
+                    mean_accepted=best.tokens_per_round, decode_s_runs=runs,
+                    spread=max(runs) / min(runs) - 1)
         if method in auto:
           cell.segments = best.segments
           cell.auto_choice = _most_used(best.segments, specs[method])
@@ -206,6 +213,8 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
         logging.info("%s", cell)
       _predict(params, cfg, batch, context, specs, cells[-len(specs):], auto, draft_params,
                acceptance)
+      if on_bucket is not None:
+        on_bucket(cells)
   return cells
 
 
@@ -276,15 +285,48 @@ def plot_speedups(cells: list[Cell], path: pathlib.Path) -> bool:
 
 def format_table(cells: list[Cell]) -> str:
   head = ("| method | batch | context | tok/s | step ms | speedup vs AR | predicted |"
-          " tokens/step/row | alpha | cost-model pick | roofline tok/s | roofline fraction |")
-  lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          " tokens/step/row | alpha | cost-model pick | roofline tok/s | roofline fraction |"
+          " repeat spread |")
+  lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   fmt = lambda x, f: "-" if x is None else format(x, f)
   for c in cells:
     lines.append(f"| {c.method} | {c.batch} | {c.context} | {c.tokens_per_s:.1f} |"
                  f" {c.step_ms:.1f} | {c.speedup:.2f}x | {fmt(c.predicted_speedup, '.2f')} |"
                  f" {c.mean_accepted:.2f} | {fmt(c.acceptance_rate, '.2f')} |"
                  f" {c.auto_choice or '-'} | {c.roofline_tokens_per_s:.1f} |"
-                 f" {100 * c.roofline_fraction:.1f}% |")
+                 f" {100 * c.roofline_fraction:.1f}% |"
+                 f" {'-' if c.spread is None else format(100 * c.spread, '.0f') + '%'} |")
+  return "\n".join(lines)
+
+
+def adaptive_vs_fixed(cells: list[Cell], auto) -> list[dict]:
+  """Per (batch, context) and ``auto`` method: its throughput over the best fixed
+  choice's in the bucket (every other method, plain decoding included), and the noise:
+  the larger repeat spread of the two cells."""
+  rows = []
+  for b, s in dict.fromkeys((c.batch, c.context) for c in cells):
+    bucket = [c for c in cells if (c.batch, c.context) == (b, s)]
+    fixed = [c for c in bucket if c.method not in auto]
+    for a in (c for c in bucket if c.method in auto):
+      best = max(fixed, key=lambda c: c.tokens_per_s)
+      rows.append(dict(batch=b, context=s, adaptive=a.method, adaptive_tokens_per_s=a.tokens_per_s,
+                       choice=a.auto_choice, best_fixed=best.method,
+                       best_fixed_tokens_per_s=best.tokens_per_s,
+                       ratio=a.tokens_per_s / best.tokens_per_s,
+                       noise=max(a.spread or 0.0, best.spread or 0.0)))
+  return rows
+
+
+def format_adaptive(rows: list[dict]) -> str:
+  lines = ["| batch | context | adaptive | most used | tok/s | best fixed | tok/s | ratio |"
+           " noise (repeat spread) | within noise |",
+           "|---:|---:|---|---|---:|---|---:|---:|---:|---|"]
+  for r in rows:
+    ok = r["ratio"] >= 1 - r["noise"]
+    lines.append(f"| {r['batch']} | {r['context']} | {r['adaptive']} | {r['choice']} |"
+                 f" {r['adaptive_tokens_per_s']:.1f} | {r['best_fixed']} |"
+                 f" {r['best_fixed_tokens_per_s']:.1f} | {r['ratio']:.2f} |"
+                 f" {100 * r['noise']:.0f}% | {'yes' if ok else 'no'} |")
   return "\n".join(lines)
 
 
@@ -363,42 +405,59 @@ def main(argv):
       if g == "auto":
         auto[label] = tuple(t for t in chains if t.max_depth)
 
+  meta = {"command": "python -m experiments.launch " + " ".join(sys.argv[1:]),
+          "methods": {label: dataclasses.asdict(spec) for label, spec in specs.items()},
+          "acceptance": acceptance,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "machine": bandwidth.machine_description(), "model": model.config.name,
+          "dtype": dtype, "sampling": dataclasses.asdict(sp), "bandwidth": bw,
+          "distinct_rows": _DISTINCT.value, "repeats": _REPEATS.value}
+  write = None
+  if _OUT.value:
+    write = lambda cells: write_results(pathlib.Path(_OUT.value), meta, cells, auto)
   if _PROFILE.value:
     jax.profiler.start_trace(_PROFILE.value)
   try:
     cells = run_grid(model, batches, contexts, specs, _NEW.value, sp,
                      _DISTINCT.value, mesh, bw["roofline_gbps"], _REPEATS.value,
-                     _CHUNK.value, draft=draft, auto=auto, acceptance=acceptance)
+                     _CHUNK.value, draft=draft, auto=auto, acceptance=acceptance,
+                     on_bucket=write)
   finally:
     if _PROFILE.value:
       jax.profiler.stop_trace()
       print(f"XLA trace written under {_PROFILE.value} (open with xprof or TensorBoard)")
 
-  table = format_table(cells)
-  print(table)
-  if _OUT.value:
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python -m experiments.launch " + " ".join(sys.argv[1:]),
-            "methods": {label: dataclasses.asdict(spec) for label, spec in specs.items()},
-            "acceptance": acceptance,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": bandwidth.machine_description(), "model": model.config.name, "dtype": dtype,
-            "sampling": dataclasses.asdict(sp), "bandwidth": bw,
-            "distinct_rows": _DISTINCT.value}
-    out.write_text(json.dumps({**meta, "cells": [dataclasses.asdict(c) for c in cells]},
-                              indent=1))
-    md = [f"# {model.config.name}: {', '.join(dict.fromkeys(c.method for c in cells))}", "",
-          f"- command: `{meta['command']}`", f"- date: {meta['date']}",
-          f"- machine: {meta['machine']['device']}; {meta['machine']['cpu']};"
-          f" jax {meta['machine']['jax']}",
-          f"- dtype: {dtype}; bandwidth read {bw['read_gbps']:.1f} GB/s, copy"
-          f" {bw['copy_gbps']:.1f} GB/s (roofline uses {bw['roofline_gbps']:.1f})", "",
-          table, ""]
-    out.with_suffix(".md").write_text("\n".join(md))
+  print(format_table(cells))
+  if auto:
+    print(format_adaptive(adaptive_vs_fixed(cells, auto)))
+  if write is not None:
+    out = write(cells)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     if plot_speedups(cells, out.with_suffix(".png")):
       print(f"wrote {out.with_suffix('.png')}")
+
+
+def write_results(out: pathlib.Path, meta: dict, cells: list[Cell], auto) -> pathlib.Path:
+  """The JSON (meta + cells) and a Markdown table beside it; rewritten after every bucket
+  of the grid, so an interrupted run keeps what it measured."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  adaptive = adaptive_vs_fixed(cells, auto)
+  out.write_text(json.dumps({**meta, "cells": [dataclasses.asdict(c) for c in cells],
+                             "adaptive_vs_fixed": adaptive}, indent=1))
+  bw = meta["bandwidth"]
+  md = [f"# {meta['model']}: {', '.join(dict.fromkeys(c.method for c in cells))}", "",
+        f"- command: `{meta['command']}`", f"- date: {meta['date']}",
+        f"- machine: {meta['machine']['device']}; {meta['machine']['cpu']};"
+        f" jax {meta['machine']['jax']}",
+        f"- dtype: {meta['dtype']}; bandwidth read {bw['read_gbps']:.1f} GB/s, copy"
+        f" {bw['copy_gbps']:.1f} GB/s (roofline uses {bw['roofline_gbps']:.1f})", "",
+        format_table(cells), ""]
+  if adaptive:
+    md += ["Adaptive choice against the best fixed choice of its bucket (best of"
+           f" {meta['repeats']} runs each; noise: the larger slowest/fastest - 1 of the two"
+           " cells' runs):", "", format_adaptive(adaptive), ""]
+  out.with_suffix(".md").write_text("\n".join(md))
+  return out
 
 
 if __name__ == "__main__":

@@ -418,14 +418,22 @@ def _state_shardings(cfg: ModelConfig, mesh, batch: int, size: int, draft_state)
   return p_sh, s_sh, row, rep
 
 
-def batch_buckets(batch: int, multiple: int = 1) -> tuple[int, ...]:
+# The smallest batch compaction shrinks to. Below a few rows a decode step reads the
+# weights whatever the batch (it is weight-bound on GPU, TPU and CPU alike), so a
+# smaller batch saves little per round and costs one more compiled step shape.
+MIN_COMPACT_BATCH = 4
+
+
+def batch_buckets(batch: int, multiple: int = 1,
+                  smallest: int = MIN_COMPACT_BATCH) -> tuple[int, ...]:
   """The batch sizes a decode loop shrinks through as its rows finish
-  (``compact_batch``): ``batch`` and ``multiple`` times the powers of two below it
-  (``multiple``: the mesh's data-parallel size, so the rows stay evenly sharded). A
-  generation compiles its step for at most log2(B) + 1 batch shapes."""
+  (``compact_batch``): ``batch`` and ``multiple`` times the powers of two below it,
+  none below ``smallest`` (``multiple``: the mesh's data-parallel size, so the rows stay
+  evenly sharded). A generation compiles its step for at most log2(B) + 1 batch shapes."""
   sizes = {batch}
   while multiple < batch:
-    sizes.add(multiple)
+    if multiple >= smallest:
+      sizes.add(multiple)
     multiple *= 2
   return tuple(sorted(sizes))
 
@@ -453,7 +461,8 @@ class _BatchRows:
 
   def __init__(self, batch: int, enabled: bool, mesh=None):
     multiple = 1 if mesh is None else int(dict(mesh.shape).get("data", 1))
-    self.buckets = batch_buckets(batch, multiple) if enabled else (batch,)
+    self.buckets = (batch_buckets(batch, multiple, MIN_COMPACT_BATCH) if enabled
+                    else (batch,))
     self.slots = np.arange(batch)  # the request held by each row of the state
     self.out: np.ndarray | None = None  # outputs of the requests that left
     self.num = np.zeros(batch, np.int32)
@@ -1373,8 +1382,9 @@ def generate(model,
       (``ModelConfig.attention_impl``). Applies to the draft model too.
     compact_batch: as rows finish (EOS, their budgets, or speculation that runs ahead
       for some rows), drop them from the batch: once the rows still generating fit
-      half the batch (``engine.batch_buckets``), the decode state is gathered to them
-      and decoding goes on at the smaller batch. Off: every round runs the full batch.
+      half the batch (``engine.batch_buckets``; not below ``MIN_COMPACT_BATCH`` rows),
+      the decode state is gathered to them and decoding goes on at the smaller batch.
+      Off: every round runs the full batch.
     mesh: a ("data", "model") mesh to shard params, cache and batch over (optional).
 
   Returns:

@@ -93,12 +93,16 @@ def test_batch_that_does_not_fit_is_refused_before_allocation(tiny, monkeypatch)
     specjax.generate(tiny, [[1, 2, 3]] * 64, max_new_tokens=400)
 
 
-def test_batch_buckets_halve_down_to_the_mesh_multiple():
-  assert engine.batch_buckets(8) == (1, 2, 4, 8)
-  assert engine.batch_buckets(12) == (1, 2, 4, 8, 12)
+def test_batch_buckets_halve_down_to_the_mesh_multiple_and_the_smallest():
+  assert engine.batch_buckets(8, smallest=1) == (1, 2, 4, 8)
+  assert engine.batch_buckets(12, smallest=1) == (1, 2, 4, 8, 12)
   assert engine.batch_buckets(1) == (1,)
-  assert engine.batch_buckets(8, multiple=2) == (2, 4, 8)
-  assert engine.batch_buckets(6, multiple=4) == (4, 6)
+  assert engine.batch_buckets(8, multiple=2, smallest=1) == (2, 4, 8)
+  assert engine.batch_buckets(6, multiple=4, smallest=1) == (4, 6)
+  assert engine.MIN_COMPACT_BATCH == 4
+  assert engine.batch_buckets(8) == (4, 8)
+  assert engine.batch_buckets(3) == (3,)  # nothing to shrink to
+  assert engine.batch_buckets(16, multiple=8) == (8, 16)
 
 
 def test_batch_rows_keep_the_active_rows_padded_to_the_bucket():
@@ -112,16 +116,21 @@ def test_batch_rows_keep_the_active_rows_padded_to_the_bucket():
   assert engine._BatchRows(8, enabled=False).floor() == 0
 
 
-# Eight rows that finish one after another: the batch shrinks 8 -> 4 -> 2 -> 1.
+# Eight rows that finish one after another: the batch shrinks 8 -> 4 (-> 2 -> 1 with
+# MIN_COMPACT_BATCH = 1).
 RAGGED_PROMPTS = [[5, 6, 7, 8, 9, 10, 11] * 3, [3, 4], list(range(20, 61)), [7, 7, 7, 7],
                   [9] * 10, [1, 2, 3] * 5, [40, 41], [12] * 3]
 RAGGED_BUDGETS = [3, 30, 9, 17, 5, 25, 2, 12]
 
 
-def test_batch_compaction_keeps_tokens_eos_and_budgets(tiny):
+def test_batch_compaction_keeps_tokens_eos_and_budgets(tiny, monkeypatch):
   full = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS,
                           compact_batch=False)
   assert full.stats.compactions == []
+  out = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS)
+  assert out.tokens == full.tokens
+  assert out.stats.compactions == [4]
+  monkeypatch.setattr(engine, "MIN_COMPACT_BATCH", 1)  # compactions of compacted rows
   out = specjax.generate(tiny, RAGGED_PROMPTS, max_new_tokens=RAGGED_BUDGETS)
   assert out.tokens == full.tokens
   assert out.stats.compactions == [4, 2, 1]

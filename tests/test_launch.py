@@ -24,6 +24,7 @@ def test_launcher_small_grid_writes_results_and_trace(smollm2_path, tmp_path):
       (1, 48), (1, 96), (2, 48), (2, 96)}
   for cell in result["cells"]:
     assert cell["steps"] == 3 and cell["speedup"] == 1.0
+    assert len(cell["decode_s_runs"]) == 1 and cell["spread"] == 0.0
     assert 0 < cell["roofline_fraction"] < 1.5
     assert cell["tokens_per_s"] > 0
   assert out.with_suffix(".md").read_text().count("| autoregressive |") == 4
@@ -39,7 +40,8 @@ def test_launcher_runs_auto_gamma_and_sequoia_trees(smollm2_path, tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  cells = {c["method"]: c for c in json.loads(out.read_text())["cells"]}
+  result = json.loads(out.read_text())
+  cells = {c["method"]: c for c in result["cells"]}
   assert set(cells) == {"autoregressive", "magicdec/streaming/g2", "magicdec/streaming/gauto",
                         "sequoia/streaming/n6", "sequoia/streaming/nauto"}
   for label in ("magicdec/streaming/gauto", "sequoia/streaming/nauto"):
@@ -47,3 +49,10 @@ def test_launcher_runs_auto_gamma_and_sequoia_trees(smollm2_path, tmp_path):
   assert cells["sequoia/streaming/n6"]["predicted_speedup"] > 0
   assert cells["magicdec/streaming/g2"]["auto_choice"] in ("g0", "g2")
   assert 1 <= cells["sequoia/streaming/n6"]["mean_accepted"] <= 3  # depth 2
+  adaptive = {r["adaptive"]: r for r in result["adaptive_vs_fixed"]}
+  assert set(adaptive) == {"magicdec/streaming/gauto", "sequoia/streaming/nauto"}
+  best = max((c for m, c in cells.items() if m not in adaptive), key=lambda c: c["tokens_per_s"])
+  for label, row in adaptive.items():
+    assert row["best_fixed"] == best["method"]
+    assert row["ratio"] == cells[label]["tokens_per_s"] / best["tokens_per_s"]
+  assert "| within noise |" in out.with_suffix(".md").read_text()

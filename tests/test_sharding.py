@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import specjax
-from specjax import drafts, sharding
+from specjax import drafts, engine, sharding
 from specjax.config import tiny_config
 from specjax.params import init_params
 
@@ -40,7 +40,8 @@ def test_sharded_generate_and_logits_equal_single_device(tiny, data, model):
     dict(method="magicdec_draft", gamma=2, sinks=2, window=10),
     dict(method="magicdec", gamma="auto", auto_gammas=(0, 1, 3), sinks=2, window=8),
 ], ids=["streaming", "snapkv", "draft_ring", "auto"])
-def test_sharded_speculation_equals_single_device(tiny, kw):
+def test_sharded_speculation_equals_single_device(tiny, kw, monkeypatch):
+  monkeypatch.setattr(engine, "MIN_COMPACT_BATCH", 1)
   if kw["method"] == "magicdec_draft":
     kw = dict(kw, draft_model=drafts.truncated_draft(tiny, 1))
   mesh = sharding.make_mesh(2, 4)
