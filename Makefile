@@ -28,12 +28,13 @@ $(VENV)/.installed: pyproject.toml
 KERNEL_TESTS := tests/test_tree_attention_kernel.py
 # The rest runs on this many pytest-xdist workers, a test file per worker at a time
 # (module fixtures such as the prefilled SmolLM2 batch are built once): compilation is
-# single-threaded, so two workers keep both cores of the CI machine busy. WORKERS=0
-# runs in this process.
+# single-threaded, so two workers keep both cores of the CI machine busy. Files go out
+# in collection order, longest first (tests/conftest.py LONGEST_FIRST), not xdist's
+# most-tests-first. WORKERS=0 runs in this process.
 WORKERS ?= 2
 
 test: venv
-	$(VPY) -m pytest -n $(WORKERS) --dist loadfile $(ARGS) --ignore=$(KERNEL_TESTS)
+	$(VPY) -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS) --ignore=$(KERNEL_TESTS)
 	$(VPY) -m pytest $(KERNEL_TESTS) $(ARGS) || test $$? -eq 5
 
 demo: venv

@@ -593,7 +593,9 @@ DECODE_BUCKET = 1024  # decode loops read a power-of-two multiple of this many s
 AUTO_GAMMAS = (0, 1, 2, 3, 4, 6)  # gamma="auto" chooses among these chains
 AUTO_TREE_SIZES = (3, 4, 5, 8, 16, 32, 64)  # tree="auto": optimal trees of these
 AUTO_TREE_DEPTHS = (2, 4, 8)  # ... sizes (root included) and depth limits
-AUTO_SEGMENT_ROUNDS = 16  # auto: rounds between re-estimates of the acceptance
+# auto: rounds between re-estimates (a segment returns to the host; a 64-token
+# generation runs ~15 rounds, so the schedule can go back on a choice that disappoints)
+AUTO_SEGMENT_ROUNDS = 4
 AUTO_PROBE_ROUNDS = 4  # ... and before the first one
 AUTO_PROBE_DEPTH = 4  # ... drafting at most this deep (cost_model.ShapeSchedule)
 

@@ -128,6 +128,31 @@ def test_schedule_probes_shallow_then_goes_by_the_measured_acceptance():
   assert only_deep.choose(4096) == chain(4)  # the shallowest there is
 
 
+def test_schedule_judges_the_trees_that_ran_by_the_tokens_they_gained():
+  """The probe's rate makes the model expect over 8 tokens a round from chain(8); its
+  rounds gain 4 (rejections come in runs): the schedule goes back to chain(4), whose
+  measured rate is better, though the refit model alone would stay with chain(8)."""
+  timings = _Recorder(_timings(0.05))
+  choices = [chain(0), chain(2), chain(4), chain(8)]
+  schedule = cost_model.ShapeSchedule(timings, choices, prior=(0.9,), probe_depth=4)
+  t = timings.timings
+  assert schedule.choose(4096) == chain(4)
+  schedule.observe(chain(4), tokens=48, row_rounds=10, context=4096,
+                   seconds=4 * t.round_time(chain(4)), rounds=4)
+  assert schedule.tokens_per_round(4096, [chain(4)]) == [pytest.approx(4.8)]
+  assert schedule.choose(4096) == chain(8)
+  schedule.observe(chain(8), tokens=40, row_rounds=10, context=4096,
+                   seconds=4 * t.round_time(chain(8)), rounds=4)
+  measured = schedule.tokens_per_round(4096, choices)
+  assert measured[0] == 1.0 and measured[2:] == [pytest.approx(4.8), pytest.approx(4.0)]
+  accept = schedule.accept
+  assert 1 + sequoia.expected_accepted(chain(8), accept) > 4.8  # the model alone: chain(8)
+  assert schedule.choose(4096) == chain(4)
+  # Another bucket has measured nothing: the model decides there.
+  assert schedule.tokens_per_round(8192, [chain(8)]) == [
+      pytest.approx(1 + sequoia.expected_accepted(chain(8), accept))]
+
+
 def test_schedule_trusts_measured_round_times_over_calibration():
   """A calibration that overestimated the draft (e.g. timed on a busy machine) picks
   plain decoding; once the segment it ran reports its real round time, and a

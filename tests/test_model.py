@@ -20,12 +20,16 @@ def _prefill_logits(cfg, params, tokens, cache_size=64, window=None):
 
 def _stepwise_logits(cfg, params, tokens, cache_size=64, window=None):
   """Logits of token-by-token decoding with cache commits: f32[T, V]."""
+  @jax.jit  # one compiled step (op-by-op dispatch of the scanned stack is slow)
+  def step(params, cache, token):
+    logits, new = model.forward(params, cfg, token[None, None], cache, window=window)
+    return kv_cache.commit(cache, new, jnp.ones((1,), jnp.int32)), logits[0, 0]
+
   cache = kv_cache.init_cache(cfg, 1, cache_size)
   out = []
   for t in tokens:
-    logits, new = model.forward(params, cfg, jnp.asarray([[t]]), cache, window=window)
-    cache = kv_cache.commit(cache, new, jnp.ones((1,), jnp.int32))
-    out.append(np.asarray(logits[0, 0]))
+    cache, logits = step(params, cache, jnp.asarray(t, jnp.int32))
+    out.append(np.asarray(logits))
   return np.stack(out)
 
 
