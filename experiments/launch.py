@@ -85,8 +85,9 @@ _DISTINCT = flags.DEFINE_integer("distinct_rows", 1,
                                  "Different texts prefilled and tiled over the batch.")
 _CHUNK = flags.DEFINE_integer("prefill_chunk", engine.DEFAULT_PREFILL_CHUNK,
                               "Prefill chunk length.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per cell (the best is kept; the"
-                                " spread of the runs is the cell's noise figure).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per cell, interleaved across the"
+                                " methods (the best is kept; the spread of the runs is"
+                                " the cell's noise figure).")
 _COMPACT = flags.DEFINE_bool("compact_batch", True, "Drop finished rows from the batch as"
                              " they finish (engine.decode's compact_batch).")
 _MESH = flags.DEFINE_list("mesh", [], "data,model mesh shape, e.g. 1,8 (default: none).")
@@ -126,6 +127,17 @@ def _tile_and_trim(cache: kv_cache.KVCache, batch: int, size: int, prompt: int):
   return kv_cache.KVCache(k=jnp.take(cache.k, rows, axis=1)[:, :, :, :size],
                           v=jnp.take(cache.v, rows, axis=1)[:, :, :, :size],
                           lengths=jnp.full((batch,), prompt, jnp.int32))
+
+
+def interleaved_runs(methods, repeats: int, run) -> dict[str, list]:
+  """``run(method)`` for every method, then again, ``repeats`` times: method -> its
+  results in order. This machine's speed drifts over minutes; back-to-back repeats of
+  one method would hand the drift to whichever method ran in the fast minutes."""
+  results: dict[str, list] = {method: [] for method in methods}
+  for _ in range(repeats):
+    for method in methods:
+      results[method].append(run(method))
+  return results
 
 
 def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mesh,
@@ -171,27 +183,28 @@ def run_grid(model, batches, contexts, specs, new_tokens, sp, distinct_rows, mes
       memory.check_fits(cfg, batch, size, 1)
       first = jnp.asarray([texts[b % distinct_rows][prompt] for b in range(batch)])
       prompts = [texts[b % distinct_rows][:prompt] for b in range(batch)]  # SnapKV, drafts
+
+      def run(method):
+        view = _tile_and_trim(cache, batch, size, prompt)
+        if mesh is not None:
+          view = jax.device_put(view, sharding.cache_shardings(cfg, batch, size, mesh))
+        with jax.profiler.TraceAnnotation(f"{method}_b{batch}_s{context}"):
+          res = engine.decode(params, cfg, view, first,
+                              max_new=np.full((batch,), new_tokens, np.int32), sp=sp,
+                              spec=specs[method], key=jax.random.key(_SEED.value),
+                              mesh=mesh, prompts=prompts,
+                              draft_params=draft_params if specs[method].draft_cfg else None,
+                              auto=auto.get(method),
+                              acceptance=_prior(specs[method], acceptance),
+                              compact_batch=_COMPACT.value)
+        del view, res.cache
+        return res
+
+      results = interleaved_runs(specs, repeats, run)
       baseline = None
       for method in specs:
-        best, runs = None, []
-        for _ in range(repeats):
-          view = _tile_and_trim(cache, batch, size, prompt)
-          if mesh is not None:
-            view = jax.device_put(view, sharding.cache_shardings(cfg, batch, size, mesh))
-          with jax.profiler.TraceAnnotation(f"{method}_b{batch}_s{context}"):
-            res = engine.decode(params, cfg, view, first,
-                                max_new=np.full((batch,), new_tokens, np.int32), sp=sp,
-                                spec=specs[method], key=jax.random.key(_SEED.value),
-                                mesh=mesh, prompts=prompts,
-                                draft_params=draft_params if specs[method].draft_cfg
-                                else None,
-                                auto=auto.get(method), acceptance=_prior(specs[method],
-                                                                          acceptance),
-                                compact_batch=_COMPACT.value)
-          del view, res.cache
-          runs.append(res.run_s)
-          if best is None or res.run_s < best.run_s:
-            best = res
+        runs = [res.run_s for res in results[method]]
+        best = min(results[method], key=lambda res: res.run_s)
         generated = int(best.num.sum()) - batch  # the first token came from the text
         tps = generated / best.run_s
         nbytes = bandwidth.step_bytes(cfg, batch, prompt, new_tokens)
@@ -454,8 +467,8 @@ def write_results(out: pathlib.Path, meta: dict, cells: list[Cell], auto) -> pat
         format_table(cells), ""]
   if adaptive:
     md += ["Adaptive choice against the best fixed choice of its bucket (best of"
-           f" {meta['repeats']} runs each; noise: the larger slowest/fastest - 1 of the two"
-           " cells' runs):", "", format_adaptive(adaptive), ""]
+           f" {meta['repeats']} runs each, interleaved across the methods; noise: the larger"
+           " slowest/fastest - 1 of the two cells' runs):", "", format_adaptive(adaptive), ""]
   out.with_suffix(".md").write_text("\n".join(md))
   return out
 

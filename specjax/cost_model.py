@@ -208,7 +208,8 @@ class ShapeSchedule:
   asks :meth:`choose` for the bucket's tree and afterwards reports what the segment
   produced to :meth:`observe`, which refits the vector's rank-0 entry
   (:func:`fit_first_rank`) and, given the segment's wall time, replaces the
-  calibrated round time of that (bucket, tree) by the measured one. Calibration runs
+  calibrated round time of that (bucket, tree) by the measured one (the mean over
+  every segment that ran it there). Calibration runs
   each forward a few times in isolation; on a shared or throttled machine it can be
   off by 2x (and a draft forward timed alone is not one inside the decode loop), and
   the measured rounds of the generation itself are the better estimate: of the trees
@@ -241,7 +242,9 @@ class ShapeSchedule:
     self._prior = tuple(float(a) for a in prior)
     self._weighted = 0.0  # sum of rank-0 fits weighted by row-rounds
     self._row_rounds = 0
-    self._measured: dict[tuple[int, TokenTree], float] = {}  # seconds per round
+    # (bucket, tree) -> (seconds, rounds) over every segment it ran there: one segment
+    # is a few rounds, and a single hiccup of the host would otherwise flip the choice.
+    self._timed: dict[tuple[int, TokenTree], tuple[float, int]] = {}
     self._gained: dict[tuple[int, TokenTree], tuple[int, int]] = {}  # tokens, row-rounds
 
   @property
@@ -258,7 +261,7 @@ class ShapeSchedule:
 
   def _draft_scale(self, context: int, t: Timings) -> float:
     ratios = [(seconds - t.target[u.size]) / t.drafting(u)
-              for (c, u), seconds in self._measured.items()
+              for (c, u), seconds in self._measured().items()
               if c == context and t.drafting(u) > 0]
     return float(np.clip(np.median(ratios), 0.25, 4.0)) if ratios else 1.0
 
@@ -268,8 +271,13 @@ class ShapeSchedule:
     timed in isolation can be far from one inside the decode loop)."""
     t = self._timings(context)
     scale = self._draft_scale(context, t)
-    return [self._measured.get((context, u), t.target[u.size] + scale * t.drafting(u))
+    measured = self._measured()
+    return [measured.get((context, u), t.target[u.size] + scale * t.drafting(u))
             for u in trees]
+
+  def _measured(self) -> dict[tuple[int, TokenTree], float]:
+    """Seconds per round of every (bucket, tree) that ran: the mean over its segments."""
+    return {k: seconds / rounds for k, (seconds, rounds) in self._timed.items()}
 
   def tokens_per_round(self, context: int, trees) -> list[float]:
     """Tokens a row gains per round with each tree: measured in this bucket if it ran
@@ -302,7 +310,8 @@ class ShapeSchedule:
     """A segment drafting ``tree`` gained ``tokens`` over ``row_rounds`` active
     row-rounds (and, if given, ran ``rounds`` rounds in ``seconds`` in ``context``)."""
     if context is not None and seconds is not None and rounds > 0:
-      self._measured[(context, tree)] = seconds / rounds
+      seconds_before, rounds_before = self._timed.get((context, tree), (0.0, 0))
+      self._timed[(context, tree)] = (seconds_before + seconds, rounds_before + rounds)
     if not tree.max_depth or not row_rounds:
       return
     if context is not None:

@@ -191,3 +191,23 @@ def test_schedule_rescales_the_drafting_of_trees_that_did_not_run():
   np.testing.assert_allclose(
       schedule.round_times(2048, choices),
       [t.target[1], t.target[3] + 0.5 * 2 * 0.4, t.target[5] + 0.5 * 4 * 0.4, half])
+
+
+def test_schedule_averages_round_times_over_segments():
+  """One slow segment of plain decoding (a host hiccup: 4 rounds at 3x their cost)
+  does not hand the bucket to a chain whose measured rate is lower: round times are
+  the mean over every segment of a (bucket, tree), not the last one alone."""
+  timings = _Recorder(_timings(0.05))
+  choices = [chain(0), chain(2)]
+  schedule = cost_model.ShapeSchedule(timings, choices, prior=(0.9,))
+  t = timings.timings
+  ar = t.round_time(chain(0))
+  chain_round = 2.5 * ar  # 1.5 tokens a round: 0.6 of plain decoding's rate
+  schedule.observe(chain(2), tokens=15, row_rounds=10, context=1024,
+                   seconds=10 * chain_round, rounds=10)
+  for seconds in (4 * ar, 4 * ar, 4 * ar, 4 * 3 * ar):  # the last segment: a hiccup
+    schedule.observe(chain(0), tokens=4, row_rounds=4, context=1024, seconds=seconds,
+                     rounds=4)
+  assert schedule.round_times(1024, choices) == [pytest.approx(1.5 * ar),
+                                                 pytest.approx(chain_round)]
+  assert schedule.choose(1024) == chain(0)  # by the last segment alone: chain(2)

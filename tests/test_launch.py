@@ -56,3 +56,12 @@ def test_launcher_runs_auto_gamma_and_sequoia_trees(smollm2_path, tmp_path):
     assert row["best_fixed"] == best["method"]
     assert row["ratio"] == cells[label]["tokens_per_s"] / best["tokens_per_s"]
   assert "| within noise |" in out.with_suffix(".md").read_text()
+
+
+def test_repeats_are_interleaved_across_methods():
+  from experiments import launch
+  order = []
+  results = launch.interleaved_runs(["autoregressive", "g2", "n8"], 3,
+                                    lambda m: order.append(m) or len(order))
+  assert order == ["autoregressive", "g2", "n8"] * 3
+  assert results == {"autoregressive": [1, 4, 7], "g2": [2, 5, 8], "n8": [3, 6, 9]}
