@@ -91,6 +91,7 @@ _BACKENDS = {"gpu": "triton", "triton": "triton", "tpu": "mosaic", "mosaic": "mo
 # split is a parallel grid axis that megacore can spread over its two cores.
 _DEFAULT_SPLITS = {"triton": 8, "mosaic": 2}
 _NT = (((1,), (1,)), ((), ()))  # dot_general numbers for a @ b.T
+_EXACT = (lax.Precision.HIGHEST, lax.Precision.HIGHEST)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,7 +171,9 @@ class _Prefix:
 def _update(carry, q, k, v, visible):
   """One online-softmax step of q [R, D] over keys k, v [n, D]; visible: bool[R|1, n]."""
   o, m, l = carry  # f32[R, D], f32[R, 1], f32[R, 1]
-  s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)  # [R, n]
+  # HIGHEST: float32 inputs get float32 products (Triton's default is TF32, ~1e-3 off);
+  # bfloat16 inputs are unaffected.
+  s = lax.dot_general(q, k, _NT, precision=_EXACT, preferred_element_type=jnp.float32)
   s = jnp.where(visible, s, _MASKED)
   m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
   # Masked keys get exactly 0, also while every key so far was masked (m_new = _MASKED).
@@ -178,7 +181,7 @@ def _update(carry, q, k, v, visible):
   correction = jnp.exp(m - m_new)
   l = correction * l + p.sum(axis=1, keepdims=True)
   o = correction * o + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+                                       precision=_EXACT, preferred_element_type=jnp.float32)
   return o, m_new, l
 
 
