@@ -314,6 +314,25 @@ def test_kernels_lower_for_their_hardware():
       assert f"tree_attention_{'triton' if backend == 'gpu' else 'mosaic'}" in text
 
 
+
+def test_float32_products_ask_for_float32_precision():
+  """Triton multiplies float32 in TF32 (~1e-3 off) unless a product asks for HIGHEST: on
+  an H200 eight float32 cases failed until every product in the kernel did. Interpret
+  mode on CPU computes float32 either way, so the traced kernel is checked instead."""
+  sd = jax.ShapeDtypeStruct
+  B, T, H, K, D, S = 2, 6, 12, 4, 64, 256
+  f32 = jnp.float32
+  args = (sd((B, T, H, D), f32), sd((B, T, K, D), f32), sd((B, T, K, D), f32),
+          sd((B, K, S, D), f32), sd((B, K, S, D), f32), sd((B,), jnp.int32),
+          sd((T, T), jnp.bool_))
+  for backend, block_k in (("gpu", 64), ("tpu", 128)):
+    f = functools.partial(ta.tree_attention, block_k=block_k, backend=backend)
+    # Each product's parameters (printed over several lines) name its precision.
+    products = str(jax.make_jaxpr(f)(*args)).split("dot_general[")[1:]
+    assert products, backend
+    precisions = [p[:300].partition("precision=")[2].split("\n", 1)[0] for p in products]
+    assert precisions == ["(Precision.HIGHEST, Precision.HIGHEST)"] * len(products), backend
+
 def test_bad_arguments_raise():
   case = Case(T=1, H=4, K=2, D=32, S=40, lengths=(3,))
   args = _inputs(case, seed=0)
